@@ -1,0 +1,151 @@
+"""The `dinserve` command line: one entry point, one subcommand per job.
+
+Only argument parsing lives here. Each subcommand's work is imported when it runs, so
+`dinserve serve` and `dinserve --help` never import torch (only train/export/bench need it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+DEFAULT_DATA = "data/ml-latest-small"
+DEFAULT_MODELS = "models"
+
+
+def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a DIN and its BaseModel on an interaction log",
+        description=(
+            "Train the reference DIN (and the paper's BaseModel, the same network with sum "
+            "pooling, for comparison) on a MovieLens folder or an interaction-log file. Writes "
+            "checkpoint.pt (weights + config, loadable with weights_only=True), the vocabularies "
+            "and metrics.json (test AUC, GAUC, logloss of both models) into --out."
+        ),
+    )
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="MovieLens folder (ratings.csv + movies.csv) or a CSV/Parquet log with "
+                        "user_id,item_id,timestamp[,category][,rating|label] (default: %(default)s)")
+    p.add_argument("--format", default="auto", choices=["auto", "movielens", "csv", "parquet"],
+                   help="input format; auto detects it from the path (default: %(default)s)")
+    p.add_argument("--out", default="runs/din", help="output directory (default: %(default)s)")
+    p.add_argument("--preset", default="paper", choices=["paper", "deepctr", "seed"],
+                   help="network sizes, see docs/model.md (default: %(default)s)")
+    p.add_argument("--max-history-length", type=int, default=50,
+                   help="behaviours kept per sample, newest first (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=20, help="upper bound (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=2,
+                   help="epochs without validation-AUC gain before stopping (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=2018, help="(default: %(default)s)")
+    p.add_argument("--label-threshold", type=float, default=4.0,
+                   help="rating >= threshold is a positive (DIN paper's MovieLens protocol; "
+                        "default: %(default)s)")
+    p.add_argument("--negatives", type=int, default=1,
+                   help="sampled negatives per positive for implicit logs without labels "
+                        "(default: %(default)s)")
+    p.add_argument("--min-count", type=int, default=1,
+                   help="tokens seen fewer times map to out-of-vocabulary (default: %(default)s)")
+    p.add_argument("--user-columns", default="",
+                   help="comma-separated extra log columns that are user-profile features")
+    p.add_argument("--context-columns", default="",
+                   help="comma-separated extra log columns that are request-context features")
+    p.add_argument("--max-users", type=int, default=None,
+                   help="keep only the first N users (quick runs and tests)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip training the BaseModel")
+    p.set_defaults(handler="model_export.train:run")
+
+
+def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a trained checkpoint to a self-checking ONNX bundle",
+        description=(
+            "Export the serving graph (history once per request, candidates broadcast inside the "
+            "graph) to MODELS_DIR/<name>/<version>/ with manifest.json, vocabularies and golden "
+            "cases. Runs the ONNX-vs-PyTorch parity check first and exits non-zero, writing "
+            "nothing, when any score differs by more than --tolerance."
+        ),
+    )
+    p.add_argument("--checkpoint", default="runs/din",
+                   help="directory written by `dinserve train` (default: %(default)s)")
+    p.add_argument("--out", default=DEFAULT_MODELS, help="models directory (default: %(default)s)")
+    p.add_argument("--name", default=None,
+                   help="bundle name (default: din-<preset>)")
+    p.add_argument("--version", default=None,
+                   help="bundle version, a positive integer (default: latest + 1)")
+    p.add_argument("--naive", action="store_true",
+                   help="also write model_naive.onnx, the same weights with history tiled to "
+                        "[N, L], for benchmarks")
+    p.add_argument("--tolerance", type=float, default=1e-5,
+                   help="max |ONNX − PyTorch| allowed (default: %(default)s)")
+    p.set_defaults(handler="model_export.export:run")
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the scoring service (flags override CTR_* environment settings)",
+        description="Serve POST /score over HTTP. Every setting is documented in docs/settings.md.",
+    )
+    p.add_argument("--model-dir", default=None, help="bundle directory or models root")
+    p.add_argument("--redis-url", default=None, help="redis:// or rediss:// URL")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(handler="service.__main__:run_cli")
+
+
+def _add_history(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("history", help="manage behaviour histories in Redis")
+    hsub = p.add_subparsers(dest="history_command", required=True, metavar="{load}")
+    load = hsub.add_parser(
+        "load",
+        help="bulk-load users' histories from an interaction log",
+        description=(
+            "Write <prefix>:hist:<user_id> (Redis LIST, newest first, capped at the max history "
+            "length) for every user in the log, pipelined. Idempotent: each list is replaced."
+        ),
+    )
+    load.add_argument("--data", default=DEFAULT_DATA, help="same formats as `dinserve train`")
+    load.add_argument("--format", default="auto", choices=["auto", "movielens", "csv", "parquet"])
+    load.add_argument("--redis-url", default=None, help="default: CTR_REDIS_URL or local Redis")
+    load.add_argument("--prefix", default=None, help="key prefix (default: CTR_REDIS_PREFIX)")
+    load.add_argument("--model-dir", default=None,
+                      help="bundle to take the max history length and profile features from")
+    load.add_argument("--max-length", type=int, default=None,
+                      help="cap per user (default: the bundle's max history length, else 100)")
+    load.add_argument("--user-columns", default="",
+                      help="comma-separated log columns written to the <prefix>:user:<id> hash")
+    load.set_defaults(handler="service.history_loader:run")
+
+
+BUILDERS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
+    _add_train, _add_export, _add_serve, _add_history,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dinserve",
+        description="Deep Interest Network CTR scoring: train, export, serve.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for build in BUILDERS:
+        build(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, _, func_name = args.handler.partition(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    return int(handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
