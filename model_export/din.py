@@ -21,9 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-PADDING_INDEX = 0
-OOV_INDEX = 1
-FIRST_TOKEN_INDEX = 2
+from model_export.vocab import FIRST_TOKEN_INDEX, OOV_INDEX, PADDING_INDEX
 
 Activation = Literal["dice", "relu", "prelu", "sigmoid"]
 
