@@ -124,8 +124,57 @@ def _add_history(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     load.set_defaults(handler="service.history_loader:run")
 
 
+def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="train, export, load histories and serve the MovieLens demo; prints a curl",
+        description=(
+            "One command from a checkout to a running service: trains a DIN on --data into "
+            "WORKDIR/runs/demo and exports it to WORKDIR/models/demo (both skipped when they "
+            "exist), uses the Redis at REDIS_URL if it answers PING or else starts a "
+            "redis-server on a free loopback port, loads every user's history, starts "
+            "`dinserve serve`, waits until /readyz answers and prints a ready-to-paste curl. "
+            "Ctrl-C (or SIGTERM) stops everything it started. Other CTR_* settings (e.g. "
+            "CTR_REDIS_PREFIX) pass through to the service and the history loader."
+        ),
+    )
+    p.add_argument("--data", default=DEFAULT_DATA,
+                   help="MovieLens folder or interaction log, as for `dinserve train` "
+                        "(default: %(default)s)")
+    p.add_argument("--format", default="auto", choices=["auto", "movielens", "csv", "parquet"],
+                   help="input format (default: %(default)s)")
+    p.add_argument("--workdir", default=".",
+                   help="where runs/demo, models/ and .demo/ (logs) live (default: %(default)s)")
+    p.add_argument("--models", default=None,
+                   help="models root for the bundle (default: WORKDIR/models)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train and export again even if a model exists")
+    p.add_argument("--preset", default=None, choices=["paper", "deepctr", "seed"],
+                   help="network sizes for training (default: train's default)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="training epochs upper bound (default: train's default)")
+    p.add_argument("--max-users", type=int, default=None,
+                   help="train on the first N users only: a quick model for tests")
+    p.add_argument("--baseline", action="store_true",
+                   help="also train the BaseModel for comparison (doubles training time)")
+    p.add_argument("--redis-url", default=None,
+                   help="Redis to use when it answers PING (default: $REDIS_URL; when unset or "
+                        "not answering, the demo starts its own redis-server)")
+    p.add_argument("--host", default=None,
+                   help="address the service binds (default: $CTR_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port the service binds; the demo exits if it is taken; 0 = any free "
+                        "port (default: $CTR_PORT or 8000)")
+    p.add_argument("--ready-timeout", type=float, default=120.0,
+                   help="seconds to wait for /readyz (default: %(default)s)")
+    p.add_argument("--setup-only", action="store_true",
+                   help="build or reuse the model and load the histories into --redis-url, then "
+                        "exit without serving (docker-compose's model job)")
+    p.set_defaults(handler="dinserve.demo:run")
+
+
 BUILDERS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
-    _add_train, _add_export, _add_serve, _add_history,
+    _add_train, _add_export, _add_serve, _add_history, _add_demo,
 )
 
 
