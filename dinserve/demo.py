@@ -123,14 +123,18 @@ class Demo:
     # -- model -----------------------------------------------------------------------------------
 
     def ensure_model(self) -> Path:
+        """The newest demo bundle; trains and exports only what is missing (or all on --retrain)."""
         layout, args = self.layout, self.args
         if not layout.data.exists():
             raise DemoError(f"no data at {layout.data} (--data)")
-        trained = (layout.run / "checkpoint.pt").is_file()
-        if trained and not args.retrain:
-            say(f"model: reusing the training run {layout.run} (--retrain to train again)")
+        bundle = latest_bundle(layout.bundle_root)
+        if bundle is not None and not args.retrain:
+            say(f"model: reusing the bundle {bundle} (--retrain to train and export again)")
+            return bundle
+        if (layout.run / "checkpoint.pt").is_file() and not args.retrain:
+            say(f"model: reusing the training run {layout.run}")
         else:
-            say(f"model: training on {layout.data} into {layout.run} (first run only)")
+            say(f"model: training on {layout.data} into {layout.run}")
             argv = dinserve_argv("train", "--data", layout.data, "--format", args.format,
                                  "--out", layout.run)
             for flag, value in (("--preset", args.preset), ("--epochs", args.epochs),
@@ -142,10 +146,6 @@ class Demo:
             t0 = time.perf_counter()
             self.run_child("dinserve train", argv)
             say(f"model: trained in {time.perf_counter() - t0:.1f}s")
-        bundle = latest_bundle(layout.bundle_root)
-        if bundle is not None and trained and not args.retrain:
-            say(f"model: reusing the bundle {bundle}")
-            return bundle
         t0 = time.perf_counter()
         self.run_child("dinserve export", dinserve_argv(
             "export", "--checkpoint", layout.run, "--out", layout.models, "--name", DEMO_NAME))
