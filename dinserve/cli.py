@@ -173,8 +173,21 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler="dinserve.demo:run")
 
 
+def _add_openapi(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "openapi",
+        help="write the service's OpenAPI document (docs/openapi.json)",
+        description="Build the app (no model, no Redis needed) and write its OpenAPI JSON.",
+    )
+    p.add_argument("--out", default="docs/openapi.json",
+                   help="output file, - for stdout (default: %(default)s)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 when --out differs from the app's schema")
+    p.set_defaults(handler="dinserve.openapi:run")
+
+
 BUILDERS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
-    _add_train, _add_export, _add_serve, _add_history, _add_demo,
+    _add_train, _add_export, _add_serve, _add_history, _add_demo, _add_openapi,
 )
 
 
