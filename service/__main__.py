@@ -1,0 +1,89 @@
+"""`python -m service` and `dinserve serve`: configure logging, load the model, run uvicorn.
+
+The model is loaded and verified here, before uvicorn starts, so that a missing or broken bundle
+ends the process with exit status 2 and one clear line on stderr instead of a lifespan traceback.
+The verified model is handed to create_app(), which does not load it a second time. Flags override
+the CTR_* environment (docs/settings.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import StartupError, create_app, load_initial_model
+from service.config import Settings
+
+logger = logging.getLogger("service")
+
+EXIT_CONFIG = 2  # invalid settings or no valid model: nothing to retry until someone fixes it
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve POST /score over HTTP. Every setting is documented in docs/settings.md.",
+    )
+    parser.add_argument("--model-dir", default=None, help="bundle directory or models root")
+    parser.add_argument("--redis-url", default=None, help="redis:// or rediss:// URL")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Settings from the environment, with the flags that were given taking precedence."""
+    overrides: dict[str, Any] = {
+        name: value
+        for name in ("model_dir", "redis_url", "host", "port")
+        if (value := getattr(args, name, None)) is not None
+    }
+    return Settings(**overrides)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Handler of `dinserve serve`; returns the process exit status."""
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"error: invalid settings:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log_level)
+    try:
+        model = anyio.run(load_initial_model, settings)
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    app = create_app(settings, model=model)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

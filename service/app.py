@@ -1,0 +1,104 @@
+"""create_app(): settings, lifespan, middleware, routes and error handlers. Wiring only.
+
+The lifespan loads and verifies the model first (a service without a valid model must not start:
+problems surface at load time, not on the first request), then opens the Redis client, yields both
+as Starlette lifespan state, and on shutdown stops the reload poller and closes Redis, in reverse
+order. Redis being down at start is not fatal: /readyz says so and /score follows the degrade or
+fail policy until it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TypedDict
+
+import anyio.to_thread
+from fastapi import FastAPI
+
+from service.config import Settings
+from service.errors import BundleRejected, install_error_handlers
+from service.history import HistoryStore, open_client
+from service.metrics import Metrics
+from service.middleware import BodySizeLimit, RequestTiming
+from service.model import CTRModel
+from service.reload import ModelHolder
+from service.routes import router
+
+logger = logging.getLogger(__name__)
+
+
+class AppState(TypedDict):
+    """Lifespan state; Starlette copies it into every request.state."""
+
+    settings: Settings
+    holder: ModelHolder
+    history: HistoryStore
+    metrics: Metrics
+
+
+class StartupError(RuntimeError):
+    """The service cannot start; the message says why and what to do."""
+
+
+async def load_initial_model(settings: Settings) -> CTRModel:
+    try:
+        return await anyio.to_thread.run_sync(CTRModel.load, settings.model_dir, settings)
+    except BundleRejected as exc:
+        raise StartupError(f"no valid model to serve: {exc.message}") from exc
+
+
+def create_app(settings: Settings | None = None, *, model: CTRModel | None = None) -> FastAPI:
+    """The ASGI app. `model`, when given, is an already-verified CTRModel to start with."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[AppState]:
+        first = model if model is not None else await load_initial_model(settings)
+        holder = ModelHolder(first, settings, metrics)
+        client = open_client(
+            settings.redis_url.get_secret_value(),
+            deadline_seconds=settings.redis_deadline_seconds,
+            max_connections=settings.redis_max_connections,
+        )
+        poller: asyncio.Task[None] | None = None
+        try:
+            store = HistoryStore(client, settings.redis_prefix, settings.redis_deadline_seconds)
+            if settings.reload_poll_seconds > 0:
+                poller = asyncio.create_task(holder.poll(settings.reload_poll_seconds))
+            logger.info(
+                "serving model %s version %s from %s; ONNX inputs %s; Redis %s (prefix %r, "
+                "deadline %g ms, policy %s)",
+                first.name,
+                first.version,
+                first.directory,
+                ", ".join(first.input_names),
+                settings.redis_location,
+                settings.redis_prefix,
+                settings.redis_deadline_ms,
+                settings.redis_policy,
+            )
+            yield AppState(settings=settings, holder=holder, history=store, metrics=metrics)
+        finally:
+            if poller is not None:
+                poller.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poller
+            await client.aclose()
+
+    app = FastAPI(
+        title="dinserve",
+        summary="Deep Interest Network CTR scoring over a user's Redis history",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.metrics = metrics  # also read by the error handlers (errors.count_error)
+    install_error_handlers(app)
+    app.include_router(router)
+    # Added last = outermost: timing sees every answer, the size limit runs before any parsing.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestTiming, metrics=metrics)
+    return app

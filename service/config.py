@@ -1,0 +1,142 @@
+"""Settings: every knob of the online service, read from CTR_* environment variables.
+
+One class, typed fields, defaults that run on a laptop with a local Redis. Nothing is read at
+import time: create_app(settings=None) builds a Settings when it is not handed one, and tests pass
+Settings(...) directly. docs/settings.md documents every field; tests/test_service_config.py
+checks that the table and this class agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RedisPolicy = Literal["degrade", "fail"]
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+class Settings(BaseSettings):
+    """The service configuration; field `x` is the environment variable `CTR_X`."""
+
+    # hide_input_in_errors: a rejected redis_url would otherwise be echoed, password and all.
+    model_config = SettingsConfigDict(
+        env_prefix="CTR_", extra="forbid", frozen=True, hide_input_in_errors=True
+    )
+
+    # Model
+    model_dir: Path = Field(
+        default=Path("models"),
+        description="a bundle directory, a model-name directory or the models root; the latest "
+        "integer version is served",
+    )
+    history_length: PositiveInt | None = Field(
+        default=None,
+        description="when set, the bundle's max_history_length must equal it or the service "
+        "refuses the bundle",
+    )
+    warmup_runs: int = Field(
+        default=3,
+        ge=0,
+        description="inference runs on a synthetic request before "
+        "a model serves (at start and at every reload)",
+    )
+    reload_poll_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="how often model_dir is checked for a new version; 0 turns polling off",
+    )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="bearer token for POST /admin/reload; the endpoint is off when unset",
+    )
+
+    # ONNX Runtime. Explicit thread counts: onnxruntime's default takes every core, which fights
+    # the event loop and the other replicas on the same host.
+    ort_intra_op_threads: int = Field(
+        default=1,
+        ge=0,
+        description="threads inside one operator (0 = onnxruntime's default: one per core)",
+    )
+    ort_inter_op_threads: int = Field(
+        default=1, ge=0, description="threads across operators (0 = default)"
+    )
+    ort_graph_optimization: GraphOptimization = Field(
+        default="all", description="onnxruntime graph optimisation level"
+    )
+
+    # Redis
+    redis_url: SecretStr = Field(
+        default=SecretStr("redis://127.0.0.1:6379/0"),
+        description="redis://, rediss:// (TLS) or unix:// URL; credentials go here and are never "
+        "logged",
+    )
+    redis_prefix: str = Field(
+        default="ctr",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[^\s]+$",
+        description="first part of every key: <prefix>:hist:<user_id>",
+    )
+    redis_deadline_ms: PositiveFloat = Field(
+        default=25.0, description="budget for the one history round trip, connecting included"
+    )
+    redis_policy: RedisPolicy = Field(
+        default="degrade",
+        description="when Redis misses the deadline or is down: `degrade` scores with an empty "
+        "history and answers degraded=true; `fail` answers 503",
+    )
+    redis_max_connections: PositiveInt = Field(
+        default=256,
+        description="connection pool size; a request beyond it waits for a free connection "
+        "(within the deadline)",
+    )
+
+    # Request limits
+    max_candidates: PositiveInt = Field(default=1000, description="candidates per request")
+    max_user_id_length: PositiveInt = Field(default=128, description="characters in user_id")
+    max_body_bytes: PositiveInt = Field(
+        default=1_048_576,
+        description="request body size, checked before parsing (chunked bodies too)",
+    )
+
+    # HTTP server
+    host: str = Field(default="127.0.0.1", description="address uvicorn binds")
+    port: int = Field(
+        default=8000, ge=0, le=65535, description="port uvicorn binds (0 = any free port)"
+    )
+    log_level: LogLevel = Field(default="info", description="root log level")
+    access_log: bool = Field(default=True, description="uvicorn's one line per request")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr) -> SecretStr:
+        scheme = urlsplit(value.get_secret_value()).scheme
+        if scheme not in REDIS_SCHEMES:
+            # The message must not echo the URL: it may hold a password.
+            raise ValueError(f"scheme must be one of {REDIS_SCHEMES}, got {scheme!r}")
+        return value
+
+    @property
+    def redis_location(self) -> str:
+        """The Redis URL without credentials, safe for logs and /model."""
+        return redact_url(self.redis_url.get_secret_value())
+
+    @property
+    def redis_deadline_seconds(self) -> float:
+        return self.redis_deadline_ms / 1000.0
+
+
+def redact_url(url: str) -> str:
+    """scheme://host:port/path with any user and password removed."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # IPv6 literal
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return f"{parts.scheme}://{netloc}{parts.path}"

@@ -1,0 +1,485 @@
+"""CTRModel: one verified model bundle and its onnxruntime session.
+
+Loading (docs/bundle.md) refuses a bundle, with BundleRejected naming the path and the reason,
+unless every check passes, in this order: the directory resolves to `<name>/<version>/`; the
+manifest has the expected format; every file in manifest.files has its sha256 and size; the
+vocabularies have the sizes the manifest states; the manifest's tensor contract is the one
+features.py builds, and the real session's inputs and outputs match it; the settings agree with
+the manifest; the golden cases reproduce within their tolerance (the self-check). Then a few
+warm-up runs, so the first request does not pay for onnxruntime's lazy allocations.
+
+onnxruntime failures at request time become InferenceFailed here, where they enter. run() blocks,
+so requests go through score(), which runs it in the threadpool.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+
+from model_export.vocab import FIRST_TOKEN_INDEX, ItemTable, Vocabulary
+from service.config import Settings
+from service.errors import BundleRejected, InferenceFailed
+from service.features import FeatureSpace, Int64Array
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+BUNDLE_FORMAT = "dinserve-bundle"
+BUNDLE_FORMAT_VERSION = 1
+OUTPUT = "ctr"
+WARMUP_CANDIDATES = 200  # DESIGN.md's reference workload W1
+GRAPH_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the bundle
+
+
+def version_dirs(directory: Path) -> list[tuple[int, Path]]:
+    """Positive-integer subdirectories holding a manifest, smallest version first.
+
+    A version without manifest.json is ignored: an exporter still writing it is not a bundle yet.
+    """
+    if not directory.is_dir():
+        return []
+    found = [
+        (int(child.name), child)
+        for child in directory.iterdir()
+        if child.name.isdigit() and int(child.name) > 0 and (child / MANIFEST).is_file()
+    ]
+    return sorted(found)
+
+
+def resolve_bundle(path: Path) -> Path:
+    """A bundle dir, a model-name dir (its latest version) or a models root holding one model."""
+    if (path / MANIFEST).is_file():
+        return path
+    if not path.is_dir():
+        raise BundleRejected(f"{path}: no such directory (set CTR_MODEL_DIR or --model-dir)")
+    versions = version_dirs(path)
+    if versions:
+        return versions[-1][1]
+    names = sorted(child for child in path.iterdir() if version_dirs(child))
+    if len(names) == 1:
+        return version_dirs(names[0])[-1][1]
+    if names:
+        listed = ", ".join(n.name for n in names)
+        raise BundleRejected(f"{path} holds several models ({listed}); point the model dir at one")
+    raise BundleRejected(
+        f"{path}: no model bundle found (looked for {MANIFEST}, <version>/{MANIFEST} and "
+        f"<name>/<version>/{MANIFEST}); export one with `dinserve export`"
+    )
+
+
+def bundle_signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
+    """(file, size, mtime) of every file: tells a re-written bundle from one already judged."""
+    try:
+        return tuple(
+            sorted(
+                (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                for p in directory.iterdir()
+                if p.is_file()
+            )
+        )
+    except OSError:
+        return ()
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    cases: int
+    max_abs_diff: float
+    tolerance: float
+
+
+class CTRModel:
+    """A loaded, verified bundle. Immutable once built, so requests may share it freely."""
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: dict[str, Any],
+        session: ort.InferenceSession,
+        space: FeatureSpace,
+    ) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.session = session
+        self.space = space
+        self.input_names = tuple(i.name for i in session.get_inputs())
+        self.self_check: SelfCheck | None = None
+        self.loaded_at = time.time()
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.get("name", self.directory.parent.name))
+
+    @property
+    def version(self) -> str:
+        return self.directory.name
+
+    @property
+    def has_user_features(self) -> bool:
+        return bool(self.space.user_features)
+
+    @classmethod
+    def load(cls, path: Path, settings: Settings) -> CTRModel:
+        """Resolve, verify, open, self-check and warm up; BundleRejected on any failure."""
+        directory = resolve_bundle(path)
+        try:
+            model = cls._open(directory, settings)
+            model.self_check = model._run_golden()
+            model.warm_up(settings.warmup_runs)
+        except BundleRejected:
+            raise
+        except Exception as exc:  # a bundle is data: any failure to read it is a rejection
+            raise BundleRejected(f"{directory}: {type(exc).__name__}: {exc}") from exc
+        return model
+
+    @classmethod
+    def _open(cls, directory: Path, settings: Settings) -> CTRModel:
+        manifest = _read_manifest(directory)
+        model_bytes = _verify_files(directory, manifest)
+        space = _feature_space(directory, manifest)
+        _check_manifest_contract(directory, manifest, space)
+        if (
+            settings.history_length is not None
+            and settings.history_length != space.max_history_length
+        ):
+            raise BundleRejected(
+                f"{directory}: max_history_length is {space.max_history_length} but the settings "
+                f"require {settings.history_length} (CTR_HISTORY_LENGTH)"
+            )
+        try:
+            session = ort.InferenceSession(
+                model_bytes,
+                sess_options=session_options(settings),
+                providers=["CPUExecutionProvider"],
+            )
+        except Exception as exc:
+            raise BundleRejected(
+                f"{directory}/{MODEL_FILE}: onnxruntime cannot load it: {exc}"
+            ) from exc
+        _check_session_contract(directory, manifest, session)
+        return cls(directory, manifest, session, space)
+
+    def predict(self, feeds: dict[str, Int64Array]) -> NDArray[np.float32]:
+        """One blocking run: feeds from features.build_inputs -> ctr (N,)."""
+        try:
+            (scores,) = self.session.run([OUTPUT], feeds)
+        except Exception as exc:
+            raise InferenceFailed(f"onnxruntime failed: {type(exc).__name__}") from exc
+        n = feeds["candidate_items"].shape[0]
+        result = np.asarray(scores, dtype=np.float32).reshape(-1)
+        if result.shape != (n,):
+            raise InferenceFailed(
+                f"model returned shape {tuple(np.shape(scores))}, expected ({n},)"
+            )
+        return result
+
+    async def score(self, feeds: dict[str, Int64Array]) -> NDArray[np.float32]:
+        """predict() in the threadpool, so the event loop keeps serving while onnxruntime runs."""
+        return await anyio.to_thread.run_sync(self.predict, feeds)
+
+    def _run_golden(self) -> SelfCheck:
+        golden = self.manifest.get("golden") or {}
+        cases = golden.get("cases") or []
+        tolerance = float(golden.get("tolerance", 1e-5))
+        if not cases:
+            raise BundleRejected(f"{self.directory}: manifest has no golden cases to self-check")
+        shapes = self.space.input_shapes()
+        worst = 0.0
+        for i, case in enumerate(cases):
+            feeds = {
+                name: np.asarray(values, dtype=np.int64).reshape(_concrete(shapes[name]))
+                for name, values in case["inputs"].items()
+            }
+            if set(feeds) != set(shapes):
+                raise BundleRejected(
+                    f"{self.directory}: golden case {i} has inputs {sorted(feeds)}, the graph "
+                    f"takes {sorted(shapes)}"
+                )
+            got = self.predict(feeds).astype(np.float64)
+            want = np.asarray(case[OUTPUT], dtype=np.float64)
+            if got.shape != want.shape:
+                raise BundleRejected(
+                    f"{self.directory}: golden case {i}: {got.shape[0]} scores, expected "
+                    f"{want.shape[0]}"
+                )
+            diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+            if not diff <= tolerance:  # `not <=` also catches NaN
+                raise BundleRejected(
+                    f"{self.directory}: self-check failed: golden case {i} differs by {diff:.3g} "
+                    f"(tolerance {tolerance:g})"
+                )
+            worst = max(worst, diff)
+        return SelfCheck(len(cases), worst, tolerance)
+
+    def warm_up(self, runs: int) -> None:
+        """Full-length history, W1-sized candidate list: onnxruntime allocates on first use."""
+        if runs <= 0:
+            return
+        space = self.space
+        rng = np.random.default_rng(0)
+        n_items = space.items.size
+        length, n = space.max_history_length, WARMUP_CANDIDATES
+        history = rng.integers(FIRST_TOKEN_INDEX, max(n_items, FIRST_TOKEN_INDEX + 1), size=length)
+        candidates = rng.integers(FIRST_TOKEN_INDEX, max(n_items, FIRST_TOKEN_INDEX + 1), size=n)
+        feeds: dict[str, Int64Array] = {
+            "history_items": history,
+            "history_categories": space.item_categories[history],
+            "candidate_items": candidates,
+            "candidate_categories": space.item_categories[candidates],
+        }
+        if space.user_features:
+            feeds["user_features"] = np.zeros(len(space.user_features), dtype=np.int64)
+        if space.context_features:
+            feeds["context_features"] = np.zeros(len(space.context_features), dtype=np.int64)
+        for _ in range(runs):
+            self.predict(feeds)
+
+    def summary(self) -> dict[str, Any]:
+        """What GET /model shows: identity, contract, features, training metrics, self-check."""
+        m = self.manifest
+        config = m.get("config") or {}
+        check = self.self_check
+        return {
+            "name": self.name,
+            "version": self.version,
+            "path": str(self.directory),
+            "created_at": m.get("created_at"),
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+            "preset": config.get("preset"),
+            "max_history_length": self.space.max_history_length,
+            "max_categories": self.space.max_categories,
+            "inputs": m.get("inputs"),
+            "outputs": m.get("outputs"),
+            "features": {
+                "user": [name for name, _ in self.space.user_features],
+                "context": [name for name, _ in self.space.context_features],
+            },
+            "vocabularies": {
+                "items": self.space.items.size,
+                "categories": self.space.categories.size,
+            },
+            "metrics": m.get("metrics") or {},
+            "self_check": None
+            if check is None
+            else {
+                "cases": check.cases,
+                "max_abs_diff": check.max_abs_diff,
+                "tolerance": check.tolerance,
+            },
+            "onnx": m.get("onnx") or {},
+        }
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    """Explicit threads and optimisation level: onnxruntime's defaults take every core."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.ort_intra_op_threads
+    options.inter_op_num_threads = settings.ort_inter_op_threads
+    options.graph_optimization_level = GRAPH_LEVELS[settings.ort_graph_optimization]
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise
+    return options
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise BundleRejected(f"{path}: unreadable manifest: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise BundleRejected(f"{path}: manifest must be a JSON object")
+    if (
+        manifest.get("format") != BUNDLE_FORMAT
+        or manifest.get("format_version") != BUNDLE_FORMAT_VERSION
+    ):
+        raise BundleRejected(
+            f"{path}: format {manifest.get('format')!r} version "
+            f"{manifest.get('format_version')!r}, expected {BUNDLE_FORMAT!r} version "
+            f"{BUNDLE_FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def _verify_files(directory: Path, manifest: dict[str, Any]) -> bytes:
+    """Check every listed file's size and sha256; returns model.onnx's verified bytes.
+
+    The session is built from these very bytes, so the file checked is the file served.
+    """
+    files = manifest.get("files")
+    if not isinstance(files, dict) or MODEL_FILE not in files:
+        raise BundleRejected(
+            f"{directory}: manifest.files must list {MODEL_FILE} and every other file"
+        )
+    model_bytes = b""
+    for name, entry in files.items():
+        path = directory / name
+        if Path(name).name != name:
+            raise BundleRejected(
+                f"{directory}: manifest lists {name!r}, which is not a plain file name"
+            )
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise BundleRejected(f"{path}: listed in the manifest but unreadable: {exc}") from exc
+        digest = hashlib.sha256(data).hexdigest()
+        if entry.get("bytes") is not None and entry["bytes"] != len(data):
+            raise BundleRejected(f"{path}: {len(data)} bytes, manifest says {entry['bytes']}")
+        if digest != entry.get("sha256"):
+            raise BundleRejected(f"{path}: sha256 {digest} does not match the manifest")
+        if name == MODEL_FILE:
+            model_bytes = data
+    return model_bytes
+
+
+def _listed_file(directory: Path, manifest: dict[str, Any], name: str) -> Path:
+    if name not in manifest["files"]:
+        raise BundleRejected(f"{directory}: {name} is used but not checksummed in manifest.files")
+    return directory / name
+
+
+def _feature_space(directory: Path, manifest: dict[str, Any]) -> FeatureSpace:
+    vocabularies = manifest.get("vocabularies") or {}
+    try:
+        items_entry, categories_entry = vocabularies["items"], vocabularies["categories"]
+        max_categories = int(manifest["max_categories"])
+        max_history = int(manifest["max_history_length"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleRejected(f"{directory}: manifest lacks {exc}") from exc
+    if max_categories < 1 or max_history < 1:
+        raise BundleRejected(f"{directory}: max_categories and max_history_length must be >= 1")
+    table = ItemTable.load(_listed_file(directory, manifest, items_entry["file"]))
+    categories = Vocabulary.load(_listed_file(directory, manifest, categories_entry["file"]))
+    _check_size(directory, "items", table.items, items_entry)
+    _check_size(directory, "categories", categories, categories_entry)
+    matrix = np.array(table.category_matrix(categories, max_categories), dtype=np.int64)
+    features = manifest.get("features") or {}
+
+    def load_features(kind: str) -> tuple[tuple[str, Vocabulary], ...]:
+        loaded = []
+        for entry in features.get(kind) or []:
+            vocab = Vocabulary.load(_listed_file(directory, manifest, entry["vocabulary"]))
+            _check_size(directory, f"{kind} feature {entry['name']}", vocab, entry)
+            loaded.append((str(entry["name"]), vocab))
+        return tuple(loaded)
+
+    return FeatureSpace(
+        items=table.items,
+        categories=categories,
+        item_categories=matrix.reshape(table.items.size, max_categories),
+        user_features=load_features("user"),
+        context_features=load_features("context"),
+        max_history_length=max_history,
+    )
+
+
+def _check_size(directory: Path, what: str, vocab: Vocabulary, entry: dict[str, Any]) -> None:
+    if entry.get("size") != vocab.size:
+        raise BundleRejected(
+            f"{directory}: {what} vocabulary has {vocab.size} entries (lines + 2), manifest says "
+            f"{entry.get('size')}"
+        )
+
+
+def _check_manifest_contract(
+    directory: Path, manifest: dict[str, Any], space: FeatureSpace
+) -> None:
+    """manifest.inputs/outputs must be exactly what features.py feeds and routes.py reads."""
+    expected = space.input_shapes()
+    declared = {i.get("name"): i for i in manifest.get("inputs") or []}
+    if set(declared) != set(expected):
+        raise BundleRejected(
+            f"{directory}: manifest inputs {sorted(map(str, declared))}, the features need "
+            f"{sorted(expected)}"
+        )
+    for name, shape in expected.items():
+        entry = declared[name]
+        if entry.get("dtype") != "int64" or _fixed(entry.get("shape")) != _fixed(shape):
+            raise BundleRejected(
+                f"{directory}: input {name} is {entry.get('dtype')} {entry.get('shape')}, "
+                f"expected int64 {shape}"
+            )
+    outputs = {o.get("name"): o for o in manifest.get("outputs") or []}
+    ctr = outputs.get(OUTPUT)
+    if ctr is None or ctr.get("dtype") != "float32" or len(ctr.get("shape") or []) != 1:
+        raise BundleRejected(f"{directory}: manifest must declare output {OUTPUT} float32 [N]")
+
+
+def _check_session_contract(
+    directory: Path, manifest: dict[str, Any], session: ort.InferenceSession
+) -> None:
+    """The real graph must take exactly the manifest's inputs, with its dtypes and ranks."""
+    declared = {i["name"]: i for i in manifest["inputs"]}
+    actual = {i.name: i for i in session.get_inputs()}
+    if set(actual) != set(declared):
+        raise BundleRejected(
+            f"{directory}/{MODEL_FILE}: graph inputs {sorted(actual)} differ from the manifest's "
+            f"{sorted(declared)}"
+        )
+    for name, arg in actual.items():
+        _match_arg(directory, "input", arg, declared[name])
+    outputs = {o.name: o for o in session.get_outputs()}
+    if OUTPUT not in outputs:
+        raise BundleRejected(f"{directory}/{MODEL_FILE}: graph has no output {OUTPUT!r}")
+    manifest_out = {o["name"]: o for o in manifest["outputs"]}[OUTPUT]
+    _match_arg(directory, "output", outputs[OUTPUT], manifest_out)
+
+
+def _match_arg(directory: Path, kind: str, arg: Any, declared: dict[str, Any]) -> None:
+    want_type = ORT_TYPES.get(str(declared.get("dtype")))
+    shape = declared.get("shape") or []
+    problem = None
+    if arg.type != want_type:
+        problem = f"type {arg.type}, manifest says {declared.get('dtype')}"
+    elif len(arg.shape) != len(shape):
+        problem = f"rank {len(arg.shape)}, manifest says {len(shape)}"
+    else:
+        for got, want in zip(arg.shape, shape, strict=True):
+            # A dynamic manifest dim (a letter) must be dynamic in the graph too; a fixed one
+            # must be fixed to the same size or left dynamic.
+            if isinstance(want, str) and isinstance(got, int):
+                problem = f"shape {arg.shape} fixes a dimension the manifest calls {want!r}"
+            elif isinstance(want, int) and isinstance(got, int) and got != want:
+                problem = f"shape {arg.shape}, manifest says {shape}"
+    if problem:
+        raise BundleRejected(f"{directory}/{MODEL_FILE}: {kind} {arg.name}: {problem}")
+
+
+def _fixed(shape: Any) -> list[int | None]:
+    """A manifest shape with symbolic dims as None, for comparison."""
+    return [d if isinstance(d, int) else None for d in (shape or [])]
+
+
+def _concrete(shape: list[str | int]) -> tuple[int, ...]:
+    """A reshape target: fixed dims kept, the one dynamic dim inferred."""
+    return tuple(d if isinstance(d, int) else -1 for d in shape)
