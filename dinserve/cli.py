@@ -95,8 +95,10 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--model-dir", default=None, help="bundle directory or models root")
     p.add_argument("--redis-url", default=None, help="redis:// or rediss:// URL")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--host", default=None,
+                   help="address to bind (default: CTR_HOST, else 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=None,
+                   help="port to bind (default: CTR_PORT, else 8000)")
     p.set_defaults(handler="service.__main__:run_cli")
 
 
@@ -112,7 +114,8 @@ def _add_history(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         ),
     )
     load.add_argument("--data", default=DEFAULT_DATA, help="same formats as `dinserve train`")
-    load.add_argument("--format", default="auto", choices=["auto", "movielens", "csv", "parquet"])
+    load.add_argument("--format", default="auto", choices=["auto", "movielens", "csv", "parquet"],
+                      help="input format; auto detects it from the path (default: %(default)s)")
     load.add_argument("--redis-url", default=None, help="default: CTR_REDIS_URL or local Redis")
     load.add_argument("--prefix", default=None, help="key prefix (default: CTR_REDIS_PREFIX)")
     load.add_argument("--model-dir", default=None,
