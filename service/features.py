@@ -6,21 +6,26 @@ real tokens start at 2. An item's categories come from the bundle's item table, 
 lookup for all candidates at once; a category sent with a candidate replaces that row for this
 request only. The history is looked up once and broadcast inside the graph, never tiled per
 candidate.
+
+A raw id may arrive as a JSON integer: it stands for its decimal text. Rather than formatting every
+integer per request (str() of 200 ints costs more than the lookups themselves), each lookup table
+also holds the integer form of every token that is canonical decimal text ("42", not "042").
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
 
-from model_export.vocab import PADDING_INDEX, Vocabulary
+from model_export.vocab import OOV_INDEX, PADDING_INDEX, Vocabulary
 from service.history import History
 from service.schemas import ScoreRequest
 
 Int64Array = NDArray[np.int64]
+RawIndex = dict[int | str, int]
 
 HISTORY_ITEMS = "history_items"
 HISTORY_CATEGORIES = "history_categories"
@@ -28,6 +33,21 @@ CANDIDATE_ITEMS = "candidate_items"
 CANDIDATE_CATEGORIES = "candidate_categories"
 USER_FEATURES = "user_features"
 CONTEXT_FEATURES = "context_features"
+
+
+def raw_index(vocab: Vocabulary) -> RawIndex:
+    """token -> index, plus int(token) -> index for tokens that are canonical decimal integers."""
+    index: RawIndex = {token: vocab.index(token) for token in vocab.tokens}
+    for token, i in list(index.items()):
+        assert isinstance(token, str)
+        if token[-1:].isdigit():
+            try:
+                number = int(token)
+            except ValueError:
+                continue
+            if str(number) == token:  # "007", "+7", "1_0" stay text-only
+                index[number] = i
+    return index
 
 
 @dataclass(frozen=True)
@@ -40,6 +60,22 @@ class FeatureSpace:
     user_features: tuple[tuple[str, Vocabulary], ...]
     context_features: tuple[tuple[str, Vocabulary], ...]
     max_history_length: int
+    item_index: RawIndex = field(init=False, repr=False)
+    category_index: RawIndex = field(init=False, repr=False)
+    feature_index: dict[str, RawIndex] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen dataclass: derived tables are set once, here
+        set_(self, "item_index", raw_index(self.items))
+        set_(self, "category_index", raw_index(self.categories))
+        set_(
+            self,
+            "feature_index",
+            {
+                name: raw_index(vocab)
+                for name, vocab in (*self.user_features, *self.context_features)
+            },
+        )
 
     @property
     def max_categories(self) -> int:
@@ -66,14 +102,19 @@ def build_inputs(
 ) -> dict[str, Int64Array]:
     """The feeds for one ONNX run: history (L), candidates (N), optional user/context (U), (X)."""
     candidates = request.candidates
-    item_ids = [c.item_id for c in candidates]
-    candidate_items = _indices(space.items, item_ids)  # (N,)
+    get = space.item_index.get
+    candidate_items = np.fromiter(
+        (get(c["item_id"], OOV_INDEX) for c in candidates), dtype=np.int64, count=len(candidates)
+    )  # (N,)
     candidate_categories = space.item_categories[candidate_items]  # (N, C), a fresh copy
     for row, candidate in enumerate(candidates):
-        if candidate.category is not None:
-            candidate_categories[row] = category_row(space, candidate.category)
+        if "category" in candidate and (override := candidate["category"]) is not None:
+            candidate_categories[row] = category_row(space, override)
 
-    history_items = _indices(space.items, history.items[: space.max_history_length])  # (L,)
+    recent = history.items[: space.max_history_length]
+    history_items = np.fromiter(
+        (get(item, OOV_INDEX) for item in recent), dtype=np.int64, count=len(recent)
+    )  # (L,)
     feeds: dict[str, Int64Array] = {
         HISTORY_ITEMS: history_items,
         HISTORY_CATEGORIES: space.item_categories[history_items],  # (L, C)
@@ -81,32 +122,35 @@ def build_inputs(
         CANDIDATE_CATEGORIES: candidate_categories,
     }
     if space.user_features:
-        feeds[USER_FEATURES] = sparse_row(space.user_features, history.profile)  # (U,)
+        feeds[USER_FEATURES] = sparse_row(space, space.user_features, history.profile)  # (U,)
     if space.context_features:
-        feeds[CONTEXT_FEATURES] = sparse_row(space.context_features, request.context or {})  # (X,)
+        context = request.context or {}
+        feeds[CONTEXT_FEATURES] = sparse_row(space, space.context_features, context)  # (X,)
     return feeds
 
 
-def category_row(space: FeatureSpace, categories: Sequence[str]) -> Int64Array:
+def category_row(space: FeatureSpace, categories: int | str | Sequence[int | str]) -> Int64Array:
     """Raw category names -> one (C,) row: the first C kept, unknown ones OOV, 0-padded."""
+    names = [categories] if isinstance(categories, int | str) else categories
+    get = space.category_index.get
     row = np.full(space.max_categories, PADDING_INDEX, dtype=np.int64)
-    kept = space.categories.indices(list(categories[: space.max_categories]))
+    kept = [get(c, OOV_INDEX) for c in names[: space.max_categories]]
     row[: len(kept)] = kept
     return row
 
 
 def sparse_row(
-    features: tuple[tuple[str, Vocabulary], ...], values: Mapping[str, str]
+    space: FeatureSpace,
+    features: tuple[tuple[str, Vocabulary], ...],
+    values: Mapping[str, int | str],
 ) -> Int64Array:
     """One index per feature in manifest order; a missing value is padding, an unknown one OOV."""
     return np.array(
         [
-            vocab.index(values[name]) if name in values else PADDING_INDEX
-            for name, vocab in features
+            space.feature_index[name].get(values[name], OOV_INDEX)
+            if name in values
+            else PADDING_INDEX
+            for name, _ in features
         ],
         dtype=np.int64,
     )
-
-
-def _indices(vocab: Vocabulary, raw_ids: Sequence[str]) -> Int64Array:
-    return np.array(vocab.indices(raw_ids), dtype=np.int64).reshape(len(raw_ids))

@@ -109,7 +109,7 @@ async def score(
     start = time.perf_counter()
     degraded = False
     try:
-        history = await store.fetch(req.user_id, space.max_history_length, model.has_user_features)
+        history = await store.fetch(req.user, space.max_history_length, model.has_user_features)
     except HistoryUnavailable as exc:
         metrics.redis_errors.labels(exc.reason).inc()
         if settings.redis_policy == "fail":
