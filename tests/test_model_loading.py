@@ -1,0 +1,201 @@
+"""service/model.py: finding, verifying, self-checking and running a real exported bundle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.config import Settings
+from service.errors import BundleRejected, InferenceFailed
+from service.features import FeatureSpace
+from service.model import CTRModel, resolve_bundle, session_options
+
+SETTINGS = Settings(warmup_runs=1)
+
+
+def copy_bundle(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+def edit_manifest(bundle: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+def rehash(bundle: Path) -> None:
+    """Make manifest.files true again after a deliberate file swap."""
+
+    def update(manifest: dict[str, Any]) -> None:
+        for name in manifest["files"]:
+            data = (bundle / name).read_bytes()
+            manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(),
+                                       "bytes": len(data)}
+
+    edit_manifest(bundle, update)
+
+
+def rejected(bundle: Path, settings: Settings = SETTINGS) -> str:
+    with pytest.raises(BundleRejected) as info:
+        CTRModel.load(bundle, settings)
+    assert str(bundle) in info.value.message or bundle.name in info.value.message
+    return info.value.message
+
+
+def test_tiny_bundle_loads_self_checks_and_describes_itself(tiny_bundle: Path) -> None:
+    model = CTRModel.load(tiny_bundle, SETTINGS)
+    assert model.directory == tiny_bundle
+    assert model.version == tiny_bundle.name
+    assert model.has_user_features
+    assert model.self_check is not None
+    assert model.self_check.cases >= 2
+    assert model.self_check.max_abs_diff <= model.self_check.tolerance
+    summary = model.summary()
+    assert summary["features"] == {"user": ["age_bucket"], "context": ["device"]}
+    assert summary["max_history_length"] == 20 and summary["max_categories"] == 3
+    assert {i["name"] for i in summary["inputs"]} == set(model.input_names)
+
+
+def test_plain_bundle_has_only_the_four_sequence_inputs(plain_bundle: Path) -> None:
+    model = CTRModel.load(plain_bundle, SETTINGS)
+    assert set(model.input_names) == {
+        "history_items", "history_categories", "candidate_items", "candidate_categories",
+    }
+    assert not model.has_user_features
+
+
+def test_latest_integer_version_wins_from_name_dir_or_models_root(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    name_dir = tmp_path / "models" / "din-paper"
+    for version in ("2", "10"):
+        copy_bundle(tiny_bundle, name_dir / version)
+    (name_dir / "11").mkdir()  # no manifest yet: an export in progress, not a bundle
+    copy_bundle(tiny_bundle, name_dir / "latest")  # not an integer: never a version
+    assert resolve_bundle(name_dir) == name_dir / "10"  # numeric, not lexicographic
+    assert resolve_bundle(tmp_path / "models") == name_dir / "10"
+    assert resolve_bundle(name_dir / "2") == name_dir / "2"
+    assert CTRModel.load(tmp_path / "models", SETTINGS).version == "10"
+
+
+def test_ambiguous_or_missing_model_dirs_are_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        copy_bundle(tiny_bundle, tmp_path / "models" / name / "1")
+    with pytest.raises(BundleRejected, match="several models"):
+        resolve_bundle(tmp_path / "models")
+    with pytest.raises(BundleRejected, match="no such directory"):
+        resolve_bundle(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleRejected, match="no model bundle found"):
+        resolve_bundle(tmp_path / "empty")
+
+
+def test_a_tampered_file_fails_its_checksum(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "m" / "1")
+    with (bundle / "items.tsv").open("a") as f:
+        f.write("tt9999999\tDrama\n")
+    assert "items.tsv" in rejected(bundle)
+
+
+def test_a_corrupt_model_file_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "m" / "1")
+    data = bytearray((bundle / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "model.onnx").write_bytes(bytes(data))
+    assert "sha256" in rejected(bundle)
+    rehash(bundle)  # even with matching checksums, a broken graph or wrong weights must not serve
+    message = rejected(bundle)
+    assert "onnxruntime" in message or "self-check" in message or "model.onnx" in message
+
+
+def test_a_missing_listed_file_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "m" / "1")
+    (bundle / "feature_device.tsv").unlink()
+    assert "feature_device.tsv" in rejected(bundle)
+
+
+def test_a_wrong_golden_score_fails_the_self_check(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "m" / "1")
+
+    def shift(manifest: dict[str, Any]) -> None:
+        manifest["golden"]["cases"][-1]["ctr"][0] += 0.01
+
+    edit_manifest(bundle, shift)
+    assert "self-check failed" in rejected(bundle)
+
+
+def test_a_bundle_without_golden_cases_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "m" / "1")
+    edit_manifest(bundle, lambda m: m["golden"].update(cases=[]))
+    assert "no golden cases" in rejected(bundle)
+
+
+def test_manifest_contract_must_match_the_features(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "m" / "1")
+
+    def drop_context(manifest: dict[str, Any]) -> None:
+        manifest["inputs"] = [i for i in manifest["inputs"] if i["name"] != "context_features"]
+
+    edit_manifest(bundle, drop_context)
+    assert "context_features" in rejected(bundle)
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "m" / "2")
+    edit_manifest(bundle, lambda m: m["inputs"][1].update(shape=["L", 4]))
+    assert "history_categories" in rejected(bundle)
+
+
+def test_the_real_graph_must_match_the_manifest(
+    tiny_bundle: Path, plain_bundle: Path, tmp_path: Path
+) -> None:
+    # tiny's manifest (with user/context inputs) over plain's graph (without): checksums are
+    # consistent, the contract is not.
+    bundle = copy_bundle(tiny_bundle, tmp_path / "m" / "1")
+    shutil.copy(plain_bundle / "model.onnx", bundle / "model.onnx")
+    rehash(bundle)
+    assert "graph inputs" in rejected(bundle)
+
+
+def test_vocabulary_size_must_match_the_manifest(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "m" / "1")
+    edit_manifest(bundle, lambda m: m["vocabularies"]["items"].update(size=9999))
+    assert "items vocabulary" in rejected(bundle)
+
+
+def test_settings_must_agree_with_the_manifest(tiny_bundle: Path) -> None:
+    assert "max_history_length" in rejected(tiny_bundle, Settings(history_length=50))
+    CTRModel.load(tiny_bundle, Settings(history_length=20, warmup_runs=0))
+
+
+def test_onnxruntime_threads_are_explicit(tiny_bundle: Path) -> None:
+    settings = Settings(ort_intra_op_threads=2, ort_inter_op_threads=1,
+                        ort_graph_optimization="basic", warmup_runs=0)
+    options = session_options(settings)
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
+    model = CTRModel.load(tiny_bundle, settings)
+    assert model.session.get_session_options().intra_op_num_threads == 2
+
+
+def test_onnxruntime_errors_become_inference_failed(tiny_bundle: Path) -> None:
+    model = CTRModel.load(tiny_bundle, Settings(warmup_runs=0))
+    space: FeatureSpace = model.space
+    feeds = {
+        "history_items": np.zeros(2, dtype=np.int64),
+        "history_categories": np.zeros((2, 3), dtype=np.int64),
+        "candidate_items": np.array([2, 3], dtype=np.int64),
+        "candidate_categories": np.zeros((2, 3), dtype=np.int64),
+        "user_features": np.zeros(len(space.user_features), dtype=np.int64),
+        "context_features": np.zeros(3, dtype=np.int64),  # wrong length: X is 1
+    }
+    with pytest.raises(InferenceFailed):
+        model.predict(feeds)
+    feeds["context_features"] = np.zeros(1, dtype=np.int64)
+    assert model.predict(feeds).shape == (2,)
