@@ -176,6 +176,107 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler="dinserve.demo:run")
 
 
+def _add_loadtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "loadtest",
+        help="open-loop load test of a scoring URL (staging), or find its saturation rate",
+        description=(
+            "Send POST /score requests at a constant (or Poisson) arrival rate, whatever the "
+            "server does, and measure each latency from its scheduled send time (no coordinated "
+            "omission). Writes report.json (HDR percentiles, throughput, errors by status) and "
+            "latency.png into --out. --find-saturation steps the rate up until the target stops "
+            "keeping up, then measures p50/p99 at fractions of that rate. See docs/performance.md."
+        ),
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8000/score",
+                   help="target; the path defaults to /score (default: %(default)s)")
+    p.add_argument("--noop-server", action="store_true",
+                   help="ignore --url and load a built-in no-op HTTP server: the client's own "
+                        "latency floor and CPU cost")
+    p.add_argument("--rate", type=float, default=100.0,
+                   help="requests per second in constant mode (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=10.0,
+                   help="seconds of load in constant mode (default: %(default)s)")
+    p.add_argument("--max-requests", type=int, default=None,
+                   help="cap on requests per phase (default: rate x duration, at most 1M)")
+    p.add_argument("--arrival", choices=["constant", "poisson"], default="constant",
+                   help="fixed intervals or Poisson arrivals (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=1.0,
+                   help="unrecorded seconds at the first rate (default: %(default)s)")
+    p.add_argument("--connections", type=int, default=8,
+                   help="keep-alive connections opened up front (default: %(default)s)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="pool cap; beyond it requests queue in the client and the report counts "
+                        "them (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds from a request's scheduled send until it counts as a timeout "
+                        "(default: %(default)s)")
+    p.add_argument("--tick-ms", type=float, default=1.0,
+                   help="the sender wakes at most this often and sends what is due; the wait is "
+                        "counted in latency and reported as dispatch_lag. 0 sends on time but "
+                        "spins a CPU core at high rates (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                   help="client event loop (default: %(default)s = uvloop when installed)")
+    g = p.add_argument_group("payload")
+    g.add_argument("--users", type=int, default=610,
+                   help="user ids 1..N, or the first N found with --users-from-redis "
+                        "(default: %(default)s, MovieLens small)")
+    g.add_argument("--users-file", default=None, help="one user id per line")
+    g.add_argument("--users-from-redis", action="store_true",
+                   help="take user ids from the <prefix>:hist:* keys in --redis-url")
+    g.add_argument("--candidates", type=int, default=200,
+                   help="candidates per request (default: %(default)s)")
+    g.add_argument("--item-ids-from", default=None,
+                   help="items.tsv, models/<name>/<version>/ or models/<name>/ (newest version)")
+    g.add_argument("--item-range", default="1:10000",
+                   help="numeric item ids LO:HI when --item-ids-from is not given "
+                        "(default: %(default)s)")
+    g.add_argument("--with-categories", action="store_true",
+                   help="send each candidate's first category from items.tsv")
+    g.add_argument("--context", default=None, help="JSON object sent as every request's context")
+    g.add_argument("--distinct-payloads", type=int, default=256,
+                   help="request bodies built up front and cycled (default: %(default)s)")
+    g.add_argument("--history-length", type=int, default=None,
+                   help="first REPLACE the chosen users' histories in Redis with this many random "
+                        "items, so the service reads histories of this length (staging only)")
+    g.add_argument("--redis-url", default=None,
+                   help="for --history-length / --users-from-redis (default: CTR_REDIS_URL or "
+                        "redis://127.0.0.1:6379/0)")
+    g.add_argument("--prefix", default=None,
+                   help="the service's key prefix (default: CTR_REDIS_PREFIX or ctr)")
+    s = p.add_argument_group("saturation search")
+    s.add_argument("--find-saturation", action="store_true",
+                   help="step the rate up until the target stops keeping up")
+    s.add_argument("--start-rate", type=float, default=50.0, help="(default: %(default)s)")
+    s.add_argument("--step-factor", type=float, default=1.5,
+                   help="rate multiplier per step (default: %(default)s)")
+    s.add_argument("--step-duration", type=float, default=4.0,
+                   help="seconds per step (default: %(default)s)")
+    s.add_argument("--max-rate", type=float, default=20000.0, help="(default: %(default)s)")
+    s.add_argument("--max-steps", type=int, default=20, help="(default: %(default)s)")
+    s.add_argument("--p99-limit-ms", type=float, default=100.0,
+                   help="a step whose p99 exceeds this fails (default: %(default)s)")
+    s.add_argument("--max-error-rate", type=float, default=0.01,
+                   help="a step with more errors than this fraction fails (default: %(default)s)")
+    s.add_argument("--track-ratio", type=float, default=0.9,
+                   help="a step achieving less than this x offered fails (default: %(default)s)")
+    s.add_argument("--refine", type=int, default=2,
+                   help="bisection steps between the last pass and the first failure "
+                        "(default: %(default)s)")
+    s.add_argument("--fractions", default="0.25,0.5,0.75",
+                   help="measure at these fractions of saturation; '' skips (default: %(default)s)")
+    s.add_argument("--fraction-duration", type=float, default=10.0,
+                   help="seconds per fraction phase (default: %(default)s)")
+    s.add_argument("--pause", type=float, default=1.0,
+                   help="seconds between phases, for the target to drain (default: %(default)s)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None,
+                   help="report directory (default: reports/loadtest/<UTC time>)")
+    o.add_argument("--no-picture", action="store_true", help="skip latency.png")
+    p.set_defaults(handler="bench.loadtest:run")
+
+
 def _add_openapi(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "openapi",
@@ -190,7 +291,7 @@ def _add_openapi(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 BUILDERS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
-    _add_train, _add_export, _add_serve, _add_history, _add_demo, _add_openapi,
+    _add_train, _add_export, _add_serve, _add_history, _add_demo, _add_openapi, _add_loadtest,
 )
 
 

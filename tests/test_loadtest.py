@@ -1,0 +1,325 @@
+"""The load tester (bench/loadtest.py and its engine) against a real uvicorn server on loopback.
+
+The server is a small Starlette app run by uvicorn in a thread, with routes that answer fast,
+fail deterministically, stall the whole event loop once, serve slowly, never answer, or answer
+chunked. Assertions are about counts and about lower bounds that the server's own sleeps force;
+nothing asserts how fast anything is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from bench.loadclient import PhaseResult, Target, arrival_offsets
+from bench.loadpayload import (
+    build_bodies,
+    items_from_range,
+    read_items,
+    seed_histories,
+    users_from_redis,
+)
+from bench.loadtest import LoadSettings, measure, run_loop
+from dinserve.cli import main as cli_main
+from service.history import keys
+
+SCORE = {"model_version": "7", "scores": [0.5], "history_length": 3, "degraded": False}
+STALL_AT = 30          # the request number that blocks the server's loop
+STALL_SECONDS = 0.4
+SLOW_SECONDS = 0.02    # /slow serves one request at a time: at most 50 per second
+
+
+@dataclass
+class ServerState:
+    counts: dict[str, int] = field(default_factory=dict)
+    statuses: dict[str, dict[int, int]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def seen(self, route: str) -> int:
+        with self.lock:
+            self.counts[route] = self.counts.get(route, 0) + 1
+            return self.counts[route]
+
+    def answered(self, route: str, status: int) -> None:
+        with self.lock:
+            by_status = self.statuses.setdefault(route, {})
+            by_status[status] = by_status.get(status, 0) + 1
+
+
+def make_app(state: ServerState) -> Starlette:
+    async def score(request: Request) -> Response:
+        await request.body()
+        state.seen("score")
+        return JSONResponse(SCORE)
+
+    async def flaky(request: Request) -> Response:
+        await request.body()
+        n = state.seen("flaky")
+        status = 500 if n % 3 == 0 else 200
+        state.answered("flaky", status)
+        return JSONResponse(SCORE if status == 200 else {"detail": "boom"}, status_code=status)
+
+    async def stall(request: Request) -> Response:
+        await request.body()
+        if state.seen("stall") == STALL_AT:
+            time.sleep(STALL_SECONDS)  # blocks the whole server, like a GC pause or a stuck lock
+        return JSONResponse(SCORE)
+
+    async def slow(request: Request) -> Response:
+        await request.body()
+        state.seen("slow")
+        time.sleep(SLOW_SECONDS)
+        return JSONResponse(SCORE)
+
+    async def hang(request: Request) -> Response:
+        await request.body()
+        state.seen("hang")
+        await asyncio.sleep(30)
+        return JSONResponse(SCORE)
+
+    async def chunked(request: Request) -> Response:
+        await request.body()
+        state.seen("chunked")
+
+        async def parts() -> AsyncIterator[bytes]:
+            body = orjson.dumps(SCORE)
+            yield body[:10]
+            yield body[10:]
+
+        return StreamingResponse(parts(), media_type="application/json")
+
+    return Starlette(routes=[
+        Route(f"/{name}", handler, methods=["POST"])
+        for name, handler in [("score", score), ("flaky", flaky), ("stall", stall),
+                              ("slow", slow), ("hang", hang), ("chunked", chunked)]
+    ])
+
+
+@dataclass
+class LiveServer:
+    base: str
+    state: ServerState
+
+
+@pytest.fixture
+def server() -> Iterator[LiveServer]:
+    """The test app under uvicorn on a free loopback port, in a thread; stopped after the test."""
+    state = ServerState()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(make_app(state), loop="asyncio", lifespan="off", ws="none",
+                            log_level="warning", access_log=False, timeout_graceful_shutdown=1)
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not uv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", state)
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+BODIES = build_bodies([str(i) for i in range(1, 50)], items_from_range("1:500"), 20, 16)
+# Short phases, no warmup, short pauses: these runs test behaviour, not speed.
+QUICK = LoadSettings(warmup=0.0, pause=0.1, timeout=3.0, connections=2)
+
+
+def load(settings: LoadSettings) -> PhaseResult:
+    result = run_loop(measure(settings, BODIES), "asyncio")
+    assert len(result.phases) == 1
+    return result.phases[0]
+
+
+def test_request_count_follows_rate_times_duration(server: LiveServer) -> None:
+    phase = load(replace(QUICK, url=f"{server.base}/score", rate=100, duration=2.0))
+    assert phase.scheduled == 200
+    assert phase.ok == 200 and not phase.errors
+    assert server.state.counts["score"] == 200
+    assert 40 < phase.achieved_rps <= 101
+    assert phase.latency.get_total_count() == 200
+    assert phase.history_lengths and set(phase.history_lengths) == {3}
+    assert set(phase.model_versions) == {"7"}
+
+
+def test_poisson_arrivals_are_bounded_by_duration_and_cap() -> None:
+    offsets = arrival_offsets(200, 2.0, None, "poisson", seed=3)
+    assert 250 < len(offsets) < 550 and offsets[-1] < 2.0
+    assert offsets == sorted(offsets)
+    assert len(arrival_offsets(200, 2.0, 50, "poisson", seed=3)) == 50
+    assert len(arrival_offsets(200, 2.0, 50)) == 50
+
+
+def test_errors_are_counted_by_status_exactly(server: LiveServer) -> None:
+    phase = load(replace(QUICK, url=f"{server.base}/flaky", rate=150, duration=1.0))
+    answered = server.state.statuses["flaky"]
+    assert phase.errors == {"500": answered[500]}
+    assert phase.ok == answered[200]
+    assert phase.ok + answered[500] == phase.scheduled == 150
+    assert phase.latency.get_total_count() == phase.ok  # latency percentiles are over 2xx only
+
+
+def test_a_server_stall_shows_in_latency_from_scheduled_time(server: LiveServer) -> None:
+    phase = load(replace(QUICK, url=f"{server.base}/stall", rate=100, duration=3.0))
+    assert phase.ok == phase.scheduled == 300
+    late = [ms for ms in phase.latencies_ms if ms >= 100.0]
+    # Every request scheduled during the 400 ms stall waited for it, not only the one in flight:
+    # at 100/s that is about 30 requests (a closed-loop tester would show one).
+    assert len(late) >= 10
+    assert phase.latency.get_max_value() / 1000.0 >= STALL_SECONDS * 1000 * 0.9
+    assert phase.latency.get_value_at_percentile(99.0) / 1000.0 >= 200.0
+    # The client kept sending during the stall, on extra connections.
+    assert phase.peak_connections > 2
+
+
+def test_timeouts_are_counted_and_the_run_ends(server: LiveServer) -> None:
+    started = time.monotonic()
+    phase = load(replace(QUICK, url=f"{server.base}/hang", rate=20, duration=0.5, timeout=0.4))
+    assert phase.errors == {"timeout": 10}
+    assert phase.ok == 0
+    assert time.monotonic() - started < 20  # bounded by the timeout, not by the 30 s handler
+
+
+def test_refused_connections_are_counted_per_request() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again before the run: nothing listens there
+    phase = load(replace(QUICK, url=f"http://127.0.0.1:{port}/score", rate=50, duration=0.4))
+    assert phase.ok == 0
+    assert sum(phase.errors.values()) == phase.scheduled == 20
+    assert all(reason.startswith("connect: ") for reason in phase.errors)
+
+
+def test_pool_cap_makes_requests_queue_and_says_so(server: LiveServer) -> None:
+    phase = load(replace(QUICK, url=f"{server.base}/slow", rate=100, duration=0.5,
+                         max_connections=2))
+    assert phase.ok == phase.scheduled == 50
+    assert phase.peak_connections <= 2
+    assert phase.queued_at_cap > 0 and phase.first_queued_at_s is not None
+
+
+def test_chunked_responses_are_parsed(server: LiveServer) -> None:
+    phase = load(replace(QUICK, url=f"{server.base}/chunked", rate=50, duration=0.5))
+    assert phase.ok == 25 and not phase.errors
+    assert set(phase.history_lengths) == {3}
+
+
+def test_cli_writes_report_and_picture(server: LiveServer, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code = cli_main(["loadtest", "--url", f"{server.base}/flaky", "--rate", "80",
+                     "--duration", "1", "--warmup", "0", "--candidates", "5",
+                     "--item-range", "1:100", "--users", "20", "--distinct-payloads", "8",
+                     "--pause", "0", "--out", str(out)])
+    assert code == 0
+    report = orjson.loads((out / "report.json").read_bytes())
+    assert report["tool"] == "dinserve loadtest" and report["schema_version"] == 1
+    assert report["mode"] == "constant" and report["saturation"] is None
+    assert report["target"] == f"{server.base}/flaky"
+    assert report["payload"]["candidates"] == 5 and report["payload"]["distinct_payloads"] == 8
+    (phase,) = report["phases"]
+    assert phase["scheduled"] == 80 and phase["finished"] == 80
+    assert set(phase["latency_ms"]) == {"count", "p50", "p90", "p99", "p99.9", "max", "mean"}
+    assert phase["latency_ms"]["p50"] <= phase["latency_ms"]["p99"] <= phase["latency_ms"]["max"]
+    assert phase["errors"] == {"500": server.state.statuses["flaky"][500]}
+    assert phase["ok"] + phase["errors"]["500"] == 80
+    for key in ("cpu_us_per_request", "dispatch_lag_ms", "peak_connections", "queued_at_cap"):
+        assert key in phase["client"]
+    assert report["client"]["cpu_us_per_request"] > 0
+    picture = out / report["picture"]
+    head = picture.read_bytes()[:8]
+    assert head == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 5000
+
+
+def test_find_saturation_stops_and_reports_a_rate(server: LiveServer, tmp_path: Path) -> None:
+    out = tmp_path / "sat"
+    code = cli_main(["loadtest", "--url", f"{server.base}/slow", "--find-saturation",
+                     "--start-rate", "10", "--step-factor", "2", "--step-duration", "1",
+                     "--max-rate", "400", "--max-steps", "8", "--refine", "1",
+                     "--fractions", "0.5", "--fraction-duration", "1", "--warmup", "0",
+                     "--pause", "0.2", "--timeout", "2", "--candidates", "5",
+                     "--item-range", "1:100", "--distinct-payloads", "4", "--out", str(out)])
+    assert code == 0
+    report = orjson.loads((out / "report.json").read_bytes())
+    sat = report["saturation"]
+    assert report["mode"] == "saturation"
+    # /slow serves one request per 20 ms, so nothing above 50/s can come back.
+    assert 0 < sat["saturation_rps"] <= 1 / SLOW_SECONDS * 1.1
+    assert "not saturated" not in sat["stop_reason"]
+    assert sat["steps"][-1]["passed"] is False or any(not s["passed"] for s in sat["steps"])
+    (frac,) = sat["fractions"]
+    assert frac["fraction"] == 0.5
+    assert frac["offered_rps"] == pytest.approx(0.5 * sat["saturation_rps"], rel=1e-3)
+    names = [p["name"] for p in report["phases"]]
+    assert names[0] == "step-1" and names[-1] == "at-50%"
+    assert (out / "latency.png").stat().st_size > 5000
+
+
+def test_target_parsing() -> None:
+    assert Target.parse("http://127.0.0.1:8000").path == "/score"
+    assert Target.parse("http://localhost:9/x/score").path == "/x/score"
+    assert Target.parse("https://example.test").port == 443
+    request = Target.parse("http://127.0.0.1:8000").encode_post(b"{}")
+    assert request.startswith(b"POST /score HTTP/1.1\r\n")
+    assert request.endswith(b"Content-Length: 2\r\n\r\n{}")
+    with pytest.raises(ValueError, match="http://"):
+        Target.parse("ftp://host/score")
+
+
+def test_payloads_from_a_bundle_items_file(tmp_path: Path) -> None:
+    version = tmp_path / "din" / "3"
+    version.mkdir(parents=True)
+    (version / "items.tsv").write_text("10\tAction|Drama\n11\t\n12\tComedy\n", encoding="utf-8")
+    (tmp_path / "din" / "2").mkdir()
+    items = read_items(tmp_path / "din")  # a name directory: its newest version with items.tsv
+    assert [(i.item_id, i.category) for i in items] == [("10", "Action"), ("11", ""),
+                                                        ("12", "Comedy")]
+    bodies = build_bodies(["u1", "u2"], items, 3, 5, with_categories=True,
+                          context={"device": "ios"})
+    assert len(bodies) == 5
+    doc: dict[str, Any] = orjson.loads(bodies[0])
+    assert doc["user_id"] in {"u1", "u2"} and doc["context"] == {"device": "ios"}
+    assert sorted(c["item_id"] for c in doc["candidates"]) == ["10", "11", "12"]
+    assert {"item_id": "10", "category": "Action"} in doc["candidates"]
+    assert {"item_id": "11"} in doc["candidates"]  # no category: the field is left out
+    with pytest.raises(FileNotFoundError, match="items.tsv"):
+        read_items(tmp_path / "din" / "2")
+    with pytest.raises(ValueError, match="LO:HI"):
+        items_from_range("100")
+
+
+def test_seeded_histories_use_the_service_key_scheme(redis_url: str, redis_prefix: str) -> None:
+    users = ["a", "b", "c"]
+    assert seed_histories(redis_url, redis_prefix, users, items_from_range("1:50"), 7) == 3
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        for user in users:
+            history_key, _ = keys(redis_prefix, user)
+            values = client.lrange(history_key, 0, -1)
+            assert len(values) == 7 and all(1 <= int(v) < 50 for v in values)
+        seed_histories(redis_url, redis_prefix, ["a"], items_from_range("1:50"), 2)
+        assert client.llen(keys(redis_prefix, "a")[0]) == 2  # replaced, not appended
+    finally:
+        client.close()
+    assert users_from_redis(redis_url, redis_prefix, 10) == users
+    assert len(users_from_redis(redis_url, redis_prefix, 2)) == 2
