@@ -1,0 +1,323 @@
+"""Serving-shaped views of a trained DIN: the graphs that export.py writes to ONNX.
+
+ServingDIN scores one user's N candidates against one history, the shape of a ranking request
+(docs/bundle.md): the history is embedded once and broadcast inside the graph, never tiled N
+times. It owns no parameters of its own; everything it holds is derived from the DIN's weights:
+
+- The first attention layer is linear in [q, k, q − k, q ⊙ k], so with W = [W1 W2 W3 W4]
+  W·[q; k; q − k; q ⊙ k] + b = (W1 + W3)·q + (W2 − W3)·k + W4·(q ⊙ k) + b   (DESIGN.md).
+  Everything that depends on one behaviour only is folded into a key-side operand built once per
+  request, K[e, l, h] = k[l, e]·W4[h, e] + (W1 + W3)[h, e], plus a bias row (W2 − W3)·k + b, so
+  the whole first layer over all N × L pairs is ONE GEMM, [q ‖ 1] (N, E+1) @ K (E+1, L·H). The
+  alternative, materialising q ⊙ k as (N, L, E) and multiplying by W4ᵀ, moves E/H more memory
+  and needs two extra broadcast adds over (N, L, H); bench/graph.py measures the difference.
+- Dice folds to p = σ(a·s + c) with running statistics (din.Dice.folded()).
+- The first MLP layer's user/context columns are computed once per request and act as a bias.
+
+NaiveDIN is the same weights in the shape a general-purpose server forces (history tiled per
+candidate, [N, L] inputs); it reuses the DIN's own modules and differs from DIN.forward only in
+running the attention unit over padded positions and masking afterwards (boolean indexing is for
+Dice's training statistics and exports to NonZero/ScatterND). Both end in a sigmoid: they output
+probabilities, where DIN.forward returns logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model_export.din import DIN, MLP, Dice, normalize_attention, sparse_embeddings
+from model_export.vocab import PADDING_INDEX
+
+# Dice's shifted form divides by 1 − α and subtracts c = −mean·a after a sum that includes c:
+# beyond this |c| the cancellation would cost more float32 precision than the parity check allows.
+SHIFT_LIMIT = 64.0
+
+
+class FoldedActivation(nn.Module):
+    """A DIN activation applied along the last dimension, Dice folded for inference.
+
+    Dice(s) = p·s + (1 − p)·α·s = s·(α + β·σ(a·s + c)), β = 1 − α, at running statistics:
+    - "dice": exactly that, five element-wise ops after the Linear;
+    - "dice_shifted": the preceding Linear already outputs u = a·s + c (a and c folded into its
+      weights), and this computes (u − c)·(σ(u) + α/β) = (a/β)·Dice(s): four element-wise ops, and
+      the per-channel β/a is folded into the NEXT Linear's weights (fold_linear's out_scale).
+    PReLU is rewritten for the last dimension (nn.PReLU broadcasts its weight along dimension 1).
+    """
+
+    # Buffers, present according to kind.
+    shift: torch.Tensor
+    ratio: torch.Tensor
+    scale: torch.Tensor
+    alpha: torch.Tensor
+    gate: torch.Tensor
+    slope: torch.Tensor
+
+    def __init__(self, kind: str, **params: torch.Tensor) -> None:
+        super().__init__()
+        self.kind = kind
+        for name, value in params.items():
+            self.register_buffer(name, value.to(torch.float32).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., D) -> (..., D)."""
+        if self.kind == "identity":
+            return x
+        if self.kind == "dice_shifted":
+            return (x - self.shift) * (torch.sigmoid(x) + self.ratio)
+        if self.kind == "dice":
+            p = torch.sigmoid(x * self.scale + self.shift)
+            return x * (self.alpha + self.gate * p)
+        if self.kind == "prelu":
+            return torch.clamp_min(x, 0.0) + self.slope * torch.clamp_max(x, 0.0)
+        if self.kind == "relu":
+            return torch.relu(x)
+        return torch.sigmoid(x)
+
+
+Folded = tuple[torch.Tensor, torch.Tensor, FoldedActivation, torch.Tensor | None]
+
+
+def fold_linear(
+    linear: nn.Linear, activation: nn.Module | None, in_scale: torch.Tensor | None
+) -> Folded:
+    """One trained Linear + activation -> (weight (out, in), bias (out,), activation, out_scale).
+
+    in_scale is the previous layer's pending per-channel output scale (multiplied into this
+    layer's input columns); out_scale is this layer's, for the next Linear, or None. Computed in
+    float64, so folding adds no rounding of its own beyond the final cast to float32.
+    """
+    w = linear.weight.detach().double()
+    b = linear.bias.detach().double()
+    if in_scale is not None:
+        w = w * in_scale.unsqueeze(0)
+    if activation is None:
+        return w, b, FoldedActivation("identity"), None
+    if isinstance(activation, Dice):
+        a, c = (t.detach().double() for t in activation.folded())
+        alpha = activation.alpha.detach().double()
+        beta = 1.0 - alpha
+        if bool((beta != 0).all()) and float(c.abs().max()) <= SHIFT_LIMIT:
+            w, b = a.unsqueeze(1) * w, a * b + c
+            return w, b, FoldedActivation("dice_shifted", shift=c, ratio=alpha / beta), beta / a
+        return w, b, FoldedActivation("dice", scale=a, shift=c, alpha=alpha, gate=beta), None
+    if isinstance(activation, nn.PReLU):
+        return w, b, FoldedActivation("prelu", slope=activation.weight.detach()), None
+    if isinstance(activation, nn.ReLU):
+        return w, b, FoldedActivation("relu"), None
+    if isinstance(activation, nn.Sigmoid):
+        return w, b, FoldedActivation("sigmoid"), None
+    raise TypeError(f"no serving form for activation {type(activation).__name__}")
+
+
+class FoldedDense(nn.Module):
+    """x @ W + b and a folded activation: one Gemm plus a few element-wise ops in ONNX."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor, activation: FoldedActivation
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.t().to(torch.float32).contiguous())  # (in, out)
+        self.register_buffer("bias", bias.to(torch.float32).contiguous())  # (out,)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (R, in) -> (R, out)."""
+        out: torch.Tensor = self.activation(torch.addmm(self.bias, x, self.weight))
+        return out
+
+
+def mlp_layers(mlp: MLP) -> list[tuple[nn.Linear, nn.Module | None]]:
+    """The MLP's (Linear, activation) pairs in order; the head, if any, last with no activation."""
+    layers: list[tuple[nn.Linear, nn.Module | None]] = list(
+        zip(mlp.linears, mlp.activations, strict=True)  # type: ignore[arg-type]
+    )
+    if mlp.head is not None:
+        layers.append((mlp.head, None))
+    return layers
+
+
+def fold_stack(
+    layers: list[tuple[nn.Linear, nn.Module | None]], in_scale: torch.Tensor | None
+) -> nn.ModuleList:
+    """Consecutive Linear + activation layers, each folded with its predecessor's scale."""
+    stack = nn.ModuleList()
+    for linear, activation in layers:
+        w, b, folded, in_scale = fold_linear(linear, activation, in_scale)
+        stack.append(FoldedDense(w, b, folded))
+    assert in_scale is None, "the last layer of a stack has no activation to carry a scale"
+    return stack
+
+
+class ServingAttention(nn.Module):
+    """The local activation unit over one history and N candidates, first layer decomposed.
+
+    pair_strategy "operand" (default) folds everything per behaviour into a key-side GEMM operand
+    (module docstring); "product" materialises q ⊙ k as (N·L, E) and multiplies it by W4ᵀ, kept
+    so that bench/graph.py can measure the choice.
+    """
+
+    query_weight: torch.Tensor
+    key_weight: torch.Tensor
+    pair_weight: torch.Tensor
+    bias: torch.Tensor
+    first_activation: FoldedActivation
+
+    def __init__(self, model: DIN, pair_strategy: str = "operand") -> None:
+        super().__init__()
+        assert model.attention is not None
+        assert pair_strategy in ("operand", "product"), pair_strategy
+        self.pair_strategy = pair_strategy
+        self.normalization = model.attention.normalization
+        e = model.config.embedding_dim
+        (first, first_activation), *rest = mlp_layers(model.attention.unit)
+        w, b, self.first_activation, scale = fold_linear(first, first_activation, None)
+        w_q, w_k, w_diff, w_prod = torch.split(w, e, dim=1)  # each (H, E)
+        self.hidden = w.shape[0]
+        as_buffer = {
+            "query_weight": (w_q + w_diff).t(),  # (E, H): once per candidate
+            "key_weight": (w_k - w_diff).t(),  # (E, H): once per behaviour
+            "pair_weight": w_prod.t(),  # (E, H): per pair
+            "bias": b,  # (H,)
+        }
+        for name, value in as_buffer.items():
+            self.register_buffer(name, value.to(torch.float32).contiguous())
+        self.rest = fold_stack(rest, scale)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """query (N, E), keys (L, E), mask (L,) bool -> interest (N, E)."""
+        n, e = query.shape
+        h = self.hidden
+        key_bias = torch.addmm(self.bias, keys, self.key_weight)  # (L, H)
+        if self.pair_strategy == "operand":
+            # Once per request: K[e, l, h] = k[l, e]·W4[h, e] + (W1 + W3)[h, e], plus the bias row.
+            key_side = keys.t().unsqueeze(2) * self.pair_weight.unsqueeze(1)  # (E, L, H)
+            key_side = key_side + self.query_weight.unsqueeze(1)  # (E, L, H)
+            operand = torch.cat([key_side, key_bias.unsqueeze(0)], dim=0)  # (E+1, L, H)
+            # -1, not L: ONNX Reshape reads a literal 0 as "copy this dimension" (L = 0).
+            operand = operand.reshape(e + 1, -1)  # (E+1, L·H)
+            query_ones = torch.cat([query, query.new_ones(n, 1)], dim=1)  # (N, E+1)
+            x = (query_ones @ operand).reshape(-1, h)  # (N·L, H)
+        else:
+            pairs = (query.unsqueeze(1) * keys.unsqueeze(0)).reshape(-1, e)  # (N·L, E)
+            x = (pairs @ self.pair_weight).reshape(n, -1, h)  # (N, L, H)
+            x = x + (query @ self.query_weight).unsqueeze(1) + key_bias.unsqueeze(0)
+            x = x.reshape(-1, h)  # (N·L, H)
+        x = self.first_activation(x)
+        for layer in self.rest:
+            x = layer(x)  # (N·L, ·)
+        scores = x.reshape(n, -1)  # (N, L)
+        weights = normalize_attention(scores, mask.unsqueeze(0), self.normalization)  # (N, L)
+        return weights @ keys  # (N, E)
+
+
+class ServingDIN(nn.Module):
+    """A trained DIN (or BaseModel) in serving shape: one history, N candidates -> ctr (N,)."""
+
+    candidate_weight: torch.Tensor
+    side_weight: torch.Tensor
+    mlp_bias: torch.Tensor
+    first_activation: FoldedActivation
+
+    def __init__(self, model: DIN, pair_strategy: str = "operand") -> None:
+        super().__init__()
+        config = model.config
+        self.config = config
+        self.embedding = model.embedding
+        self.user_tables = model.user_tables
+        self.context_tables = model.context_tables
+        self.attention = (
+            ServingAttention(model, pair_strategy) if model.attention is not None else None
+        )
+        # The top MLP's first layer: [interest ‖ query] columns per candidate, the user/context
+        # columns once per request (they are the same for every candidate), acting as a bias.
+        (first, first_activation), *rest = mlp_layers(model.mlp)
+        w, b, self.first_activation, scale = fold_linear(first, first_activation, None)
+        two_e = 2 * config.embedding_dim
+        as_buffer = {
+            "candidate_weight": w[:, :two_e].t(),  # (2E, H1)
+            "side_weight": w[:, two_e:].t(),  # (S·F, H1)
+            "mlp_bias": b,  # (H1,)
+        }
+        for name, value in as_buffer.items():
+            self.register_buffer(name, value.to(torch.float32).contiguous())
+        self.mlp_rest = fold_stack(rest, scale)
+
+    def forward(
+        self,
+        history_items: torch.Tensor,
+        history_categories: torch.Tensor,
+        candidate_items: torch.Tensor,
+        candidate_categories: torch.Tensor,
+        user_features: torch.Tensor | None = None,
+        context_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """history_items (L), history_categories (L, C), candidate_items (N),
+        candidate_categories (N, C), user_features (U), context_features (X) -> ctr (N,)."""
+        keys = self.embedding(history_items, history_categories)  # (L, E)
+        query = self.embedding(candidate_items, candidate_categories)  # (N, E)
+        mask = history_items != PADDING_INDEX  # (L,)
+        if self.attention is not None:
+            interest = self.attention(query, keys, mask)  # (N, E)
+        else:
+            # BaseModel: sum pooling is the same for every candidate; computed once.
+            pooled = (keys * mask.unsqueeze(1).to(keys.dtype)).sum(dim=0, keepdim=True)  # (1, E)
+            interest = pooled.expand_as(query)  # (N, E)
+        side = sparse_embeddings(self.user_tables, _row(user_features))
+        side += sparse_embeddings(self.context_tables, _row(context_features))
+        bias = self.mlp_bias
+        if side:
+            bias = torch.addmm(bias, torch.cat(side, dim=1), self.side_weight)  # (1, H1)
+        x = torch.cat([interest, query], dim=1) @ self.candidate_weight + bias  # (N, H1)
+        x = self.first_activation(x)
+        for layer in self.mlp_rest:
+            x = layer(x)  # (N, ·)
+        return torch.sigmoid(x.reshape(-1))  # (N,)
+
+
+def _row(features: torch.Tensor | None) -> torch.Tensor | None:
+    """(F,) request-level feature indices -> (1, F), the batch-of-one the embedding tables take."""
+    return None if features is None else features.unsqueeze(0)
+
+
+class NaiveDIN(nn.Module):
+    """The same DIN with the history tiled per candidate: what a general-purpose server runs."""
+
+    def __init__(self, model: DIN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        history_items: torch.Tensor,
+        history_categories: torch.Tensor,
+        candidate_items: torch.Tensor,
+        candidate_categories: torch.Tensor,
+        user_features: torch.Tensor | None = None,
+        context_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """history_items (N, L), history_categories (N, L, C), candidate_items (N),
+        candidate_categories (N, C), user_features (N, U), context_features (N, X) -> ctr (N,)."""
+        model = self.model
+        keys = model.embedding(history_items, history_categories)  # (N, L, E)
+        query = model.embedding(candidate_items, candidate_categories)  # (N, E)
+        mask = history_items != PADDING_INDEX  # (N, L)
+        if model.attention is not None:
+            n, length, e = keys.shape
+            q = query.unsqueeze(1).expand(n, length, e)  # (N, L, E)
+            pairs = torch.cat([q, keys, q - keys, q * keys], dim=-1)  # (N, L, 4E)
+            # -1, not N·L or L: ONNX Reshape reads a literal 0 as "copy this dimension" (L = 0).
+            scores = model.attention.unit(pairs.reshape(-1, 4 * e))  # (N·L, 1)
+            weights = normalize_attention(
+                scores.reshape(n, -1), mask, model.attention.normalization
+            )  # (N, L)
+            interest = torch.einsum("nl,nle->ne", weights, keys)  # (N, E)
+        else:
+            interest = (keys * mask.unsqueeze(-1)).sum(dim=1)  # (N, E)
+        parts = [interest, query]
+        parts += sparse_embeddings(model.user_tables, user_features)
+        parts += sparse_embeddings(model.context_tables, context_features)
+        return torch.sigmoid(model.mlp(torch.cat(parts, dim=-1)).squeeze(-1))  # (N,)
