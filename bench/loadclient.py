@@ -23,14 +23,15 @@ import resource
 import ssl
 from array import array
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import cast
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
 import orjson
 from hdrh.histogram import HdrHistogram
+
+from bench.loadhttp import HttpConnection, Job, Target
 
 # Latencies are recorded in microseconds, from 1 µs to 1 h, with 3 significant digits.
 HIST_LOWEST_US = 1
@@ -40,6 +41,8 @@ HIST_DIGITS = 3
 PERCENTILES: tuple[tuple[str, float], ...] = (
     ("p50", 50.0), ("p90", 90.0), ("p99", 99.0), ("p99.9", 99.9),
 )
+
+T = TypeVar("T")
 
 # Parsing every response body would cost as much as the rest of the client; one in N 2xx bodies
 # is decoded to report what the service saw (history length, model version).
@@ -64,45 +67,6 @@ def summarize(hist: HdrHistogram, total_us: int) -> dict[str, float | int]:
     out["max"] = round(hist.get_max_value() / 1000.0, 3) if count else 0.0
     out["mean"] = round(total_us / count / 1000.0, 3) if count else 0.0
     return out
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where requests go: one http(s) URL, its path defaulting to /score."""
-
-    scheme: str
-    host: str
-    port: int
-    path: str
-
-    @classmethod
-    def parse(cls, url: str, default_path: str = "/score") -> Target:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"target URL must be http://host[:port][/path], got {url!r}")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        path = parts.path if parts.path not in ("", "/") else default_path
-        if parts.query:
-            path = f"{path}?{parts.query}"
-        return cls(parts.scheme, parts.hostname, port, path)
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}{self.path}"
-
-    def encode_post(self, body: bytes) -> bytes:
-        """The complete keep-alive request for one JSON body, ready to write to a socket."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        head = (
-            f"POST {self.path} HTTP/1.1\r\n"
-            f"Host: {host}:{self.port}\r\n"
-            "User-Agent: dinserve-loadtest\r\n"
-            "Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "\r\n"
-        )
-        return head.encode("ascii") + body
 
 
 def arrival_offsets(rate: float, duration: float, max_requests: int | None,
@@ -217,149 +181,6 @@ class PhaseResult:
         return float(self.summary["latency"][name]) if self.summary else 0.0
 
 
-class _Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection carrying one request at a time."""
-
-    __slots__ = (
-        "_pool", "transport", "closed", "job", "deadline", "_sent_at", "_buf", "_head_end",
-        "_status", "_need", "_chunked", "_until_close", "_close_after",
-    )
-
-    def __init__(self, pool: OpenLoopClient) -> None:
-        self._pool = pool
-        self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self.job: tuple[int, float] | None = None
-        self.deadline = 0.0
-        self._sent_at = 0.0
-        self._buf = bytearray()
-        self._reset_parser()
-
-    def _reset_parser(self) -> None:
-        self._buf.clear()
-        self._head_end = -1
-        self._status = 0
-        self._need = -1
-        self._chunked = False
-        self._until_close = False
-        self._close_after = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def send(self, job: tuple[int, float], payload: bytes, now: float, deadline: float) -> None:
-        assert self.transport is not None and self.job is None
-        self.job = job
-        self.deadline = deadline
-        self._sent_at = now
-        self._reset_parser()
-        self.transport.write(payload)
-
-    def data_received(self, data: bytes) -> None:
-        if self.job is None:
-            # Bytes nobody asked for: the connection's framing can no longer be trusted.
-            self.drop()
-            return
-        buf = self._buf
-        buf += data
-        if self._head_end < 0:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            self._head_end = end + 4
-            self._parse_head(bytes(buf[:end]))
-        if self._until_close:
-            return
-        if self._chunked:
-            body = _dechunk(buf, self._head_end)
-            if body is None:
-                return
-        else:
-            if len(buf) < self._need:
-                return
-            body = bytes(buf[self._head_end:self._need])
-        self._complete(self._status, body)
-
-    def _parse_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        status_line = lines[0].split(b" ", 2)
-        self._status = int(status_line[1])
-        length = -1
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding" and b"chunked" in value.lower():
-                self._chunked = True
-            elif name == b"connection" and b"close" in value.lower():
-                self._close_after = True
-        if status_line[0] == b"HTTP/1.0":
-            self._close_after = True
-        if self._chunked:
-            return
-        if length >= 0:
-            self._need = self._head_end + length
-        elif self._status in (204, 304) or 100 <= self._status < 200:
-            self._need = self._head_end
-        else:
-            self._until_close = True  # RFC 9112 §6.3: no length, the body ends with the connection
-
-    def _complete(self, status: int, body: bytes) -> None:
-        job = self.job
-        assert job is not None
-        self.job = None
-        if self._close_after:
-            self.drop()
-        self._pool._on_answer(self, job, self._sent_at, status, body)
-
-    def expire(self) -> None:
-        """The sweeper found this request past its deadline: count a timeout, drop the socket."""
-        job = self.job
-        if job is None:
-            return
-        self.job = None
-        self.drop()
-        self._pool._record_failure(job, "timeout")
-
-    def drop(self) -> None:
-        if not self.closed:
-            self.closed = True
-            if self.transport is not None:
-                self.transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        job = self.job
-        if job is not None:
-            if self._until_close and self._head_end >= 0:
-                self._complete(self._status, bytes(self._buf[self._head_end:]))
-            else:
-                self.job = None
-                reason = type(exc).__name__ if exc is not None else "closed by server"
-                self._pool._record_failure(job, f"connection: {reason}")
-        self._pool._on_lost(self)
-
-
-def _dechunk(buf: bytearray, start: int) -> bytes | None:
-    """The body of a complete chunked message, or None while chunks are still arriving."""
-    out = bytearray()
-    pos = start
-    while True:
-        eol = buf.find(b"\r\n", pos)
-        if eol < 0:
-            return None
-        size = int(bytes(buf[pos:eol]).split(b";", 1)[0], 16)
-        if size == 0:
-            # No trailers expected from the servers we test; the message ends with CRLF CRLF.
-            return bytes(out) if buf.find(b"\r\n", eol + 2) >= 0 else None
-        if len(buf) < eol + 2 + size + 2:
-            return None
-        out += buf[eol + 2:eol + 2 + size]
-        pos = eol + 2 + size + 2
-
-
 class OpenLoopClient:
     """A pool of keep-alive connections to one target, driven phase by phase at fixed rates.
 
@@ -387,9 +208,9 @@ class OpenLoopClient:
         self.sweep = min(0.05, timeout / 4)
         self.loop = asyncio.get_running_loop()
         self._ssl = ssl.create_default_context() if target.scheme == "https" else None
-        self._conns: set[_Connection] = set()
-        self._idle: list[_Connection] = []
-        self._waiting: deque[tuple[int, float]] = deque()
+        self._conns: set[HttpConnection] = set()
+        self._idle: list[HttpConnection] = []
+        self._waiting: deque[Job] = deque()
         self._connecting = 0
         self._phase: PhaseResult | None = None
         self._phase_start = 0.0
@@ -405,14 +226,14 @@ class OpenLoopClient:
         results = await asyncio.gather(
             *(self._connect() for _ in range(self.initial_connections)), return_exceptions=True)
         for conn in results:
-            if isinstance(conn, _Connection):
+            if isinstance(conn, HttpConnection):
                 self._conns.add(conn)
                 self._idle.append(conn)
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> HttpConnection:
         async with asyncio.timeout(self.timeout):
             _, conn = await self.loop.create_connection(
-                lambda: _Connection(self), self.target.host, self.target.port, ssl=self._ssl)
+                lambda: HttpConnection(self), self.target.host, self.target.port, ssl=self._ssl)
         return conn
 
     async def _grow(self) -> None:
@@ -422,7 +243,7 @@ class OpenLoopClient:
             self._connecting -= 1
             # The request that asked for this connection cannot be sent: it fails, not the run.
             if self._waiting:
-                self._record_failure(self._waiting.popleft(), f"connect: {type(exc).__name__}")
+                self.on_failure(self._waiting.popleft(), f"connect: {type(exc).__name__}")
             self._pump()
             return
         self._connecting -= 1
@@ -432,7 +253,7 @@ class OpenLoopClient:
             self._phase.peak_connections = max(self._phase.peak_connections, len(self._conns))
         self._release(conn)
 
-    def _release(self, conn: _Connection) -> None:
+    def _release(self, conn: HttpConnection) -> None:
         """Give a free connection the oldest waiting request that is still in time, or park it."""
         if conn.closed:
             return
@@ -442,7 +263,7 @@ class OpenLoopClient:
                 return
         self._idle.append(conn)
 
-    def _on_lost(self, conn: _Connection) -> None:
+    def on_lost(self, conn: HttpConnection) -> None:
         self._conns.discard(conn)
         if conn in self._idle:
             self._idle.remove(conn)
@@ -459,12 +280,12 @@ class OpenLoopClient:
             self._connecting += 1
             self.loop.create_task(self._grow())
 
-    def _send(self, conn: _Connection, job: tuple[int, float]) -> bool:
+    def _send(self, conn: HttpConnection, job: Job) -> bool:
         now = perf_counter()
         deadline = job[1] + self.timeout
         if now >= deadline:
             # It waited for a connection longer than the whole timeout: a timeout, never sent.
-            self._record_failure(job, "timeout")
+            self.on_failure(job, "timeout")
             return False
         conn.send(job, self._payloads[job[0] % len(self._payloads)], now, deadline)
         return True
@@ -478,11 +299,11 @@ class OpenLoopClient:
                 if conn.job is not None and conn.deadline <= now:
                     conn.expire()
             while waiting and waiting[0][1] + self.timeout <= now:
-                self._record_failure(waiting.popleft(), "timeout")
+                self.on_failure(waiting.popleft(), "timeout")
 
     # -- outcomes -----------------------------------------------------------------------------
 
-    def _on_answer(self, conn: _Connection, job: tuple[int, float], sent_at: float, status: int,
+    def on_answer(self, conn: HttpConnection, job: Job, sent_at: float, status: int,
                    body: bytes) -> None:
         now = perf_counter()
         phase = self._phase
@@ -516,7 +337,7 @@ class OpenLoopClient:
             if "model_version" in doc:
                 phase.model_versions[str(doc["model_version"])] += 1
 
-    def _record_failure(self, job: tuple[int, float], reason: str) -> None:
+    def on_failure(self, job: Job, reason: str) -> None:
         phase = self._phase
         if phase is not None:
             phase.errors[reason] += 1
@@ -602,3 +423,26 @@ class OpenLoopClient:
             conn.drop()
         self._idle.clear()
         await asyncio.sleep(0)
+
+
+def run_loop(coro: Coroutine[Any, Any, T], loop: str = "auto") -> T:
+    """Run on uvloop when present (cheaper per request), else on asyncio's own loop."""
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise
+        else:
+            return uvloop.run(coro)
+    return asyncio.run(coro)
+
+
+def event_loop_name(loop: str) -> str:
+    if loop == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"

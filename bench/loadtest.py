@@ -27,11 +27,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 
-from bench.loadclient import OpenLoopClient, PhaseResult, Target, arrival_offsets
+from bench.loadclient import (
+    OpenLoopClient,
+    PhaseResult,
+    arrival_offsets,
+    event_loop_name,
+    run_loop,
+)
+from bench.loadhttp import Target
 from bench.loadpayload import (
     build_bodies,
     items_from_range,
@@ -48,8 +55,6 @@ DEFAULT_PREFIX = "ctr"
 # A hard ceiling on one phase, whatever rate x duration says: ~1M requests keep the per-request
 # samples for the picture under ~20 MB.
 MAX_REQUESTS_PER_PHASE = 1_000_000
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -227,29 +232,6 @@ async def measure(settings: LoadSettings, bodies: Sequence[bytes]) -> LoadRun:
     finally:
         await client.close()
     return result
-
-
-def run_loop(coro: Awaitable[T], loop: str = "auto") -> T:
-    """Run on uvloop when present (cheaper per request), else on asyncio's own loop."""
-    if loop in ("auto", "uvloop"):
-        try:
-            import uvloop
-        except ImportError:
-            if loop == "uvloop":
-                raise
-        else:
-            return uvloop.run(coro)  # type: ignore[arg-type]
-    return asyncio.run(coro)  # type: ignore[arg-type]
-
-
-def event_loop_name(loop: str) -> str:
-    if loop == "asyncio":
-        return "asyncio"
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
 
 
 def start_noop_server(max_seconds: float) -> tuple[subprocess.Popen[str], str]:

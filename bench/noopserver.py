@@ -14,6 +14,8 @@ import asyncio
 import sys
 from typing import cast
 
+from bench.loadclient import run_loop
+
 RESPONSE_BODY = b'{"model_version":"noop","scores":[],"history_length":0,"degraded":false}'
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
@@ -66,12 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=3600.0)
     args = parser.parse_args(argv)
     try:
-        import uvloop
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    try:
-        runner(serve(args.host, args.port, args.max_seconds))
+        run_loop(serve(args.host, args.port, args.max_seconds))
     except KeyboardInterrupt:
         pass
     return 0

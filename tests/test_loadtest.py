@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from bench.loadclient import PhaseResult, Target, arrival_offsets
+from bench.loadclient import PhaseResult, arrival_offsets, run_loop
+from bench.loadhttp import Target
 from bench.loadpayload import (
     build_bodies,
     items_from_range,
@@ -34,7 +35,7 @@ from bench.loadpayload import (
     seed_histories,
     users_from_redis,
 )
-from bench.loadtest import LoadSettings, measure, run_loop
+from bench.loadtest import LoadSettings, measure
 from dinserve.cli import main as cli_main
 from service.history import keys
 
