@@ -115,7 +115,15 @@ class Dice(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (R, D) rows of pre-activations -> (R, D)."""
-        p = torch.sigmoid(self.norm(x))
+        if self.training and x.shape[0] == 1:
+            # One row has no batch statistics (BatchNorm raises); a training batch whose histories
+            # hold a single behaviour in total reaches here, so use the running statistics.
+            normalized = nn.functional.batch_norm(
+                x, self.norm.running_mean, self.norm.running_var, training=False, eps=self.norm.eps
+            )
+        else:
+            normalized = self.norm(x)
+        p = torch.sigmoid(normalized)
         return p * x + (1.0 - p) * self.alpha * x
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
