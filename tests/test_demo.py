@@ -43,7 +43,8 @@ class DemoProcess:
     _queue: queue.Queue[str | None] = field(default_factory=queue.Queue)
 
     def __post_init__(self) -> None:
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
@@ -82,6 +83,15 @@ class DemoProcess:
             if line is None:
                 return
             self.lines.append(line)
+
+    def close(self) -> None:
+        """Kill the demo if it still runs, then release its output pipe."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._pump_thread.join(timeout=5.0)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     @property
     def output(self) -> str:
@@ -163,9 +173,7 @@ def kill_leftovers() -> Iterator[list[DemoProcess]]:
     started: list[DemoProcess] = []
     yield started
     for demo in started:
-        if demo.proc.poll() is None:
-            demo.proc.kill()
-            demo.proc.wait()
+        demo.close()
 
 
 @pytest.mark.slow
