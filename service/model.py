@@ -353,10 +353,12 @@ def _verify_files(directory: Path, manifest: dict[str, Any]) -> bytes:
         except OSError as exc:
             raise BundleRejected(f"{path}: listed in the manifest but unreadable: {exc}") from exc
         digest = hashlib.sha256(data).hexdigest()
-        if entry.get("bytes") is not None and entry["bytes"] != len(data):
-            raise BundleRejected(f"{path}: {len(data)} bytes, manifest says {entry['bytes']}")
-        if digest != entry.get("sha256"):
-            raise BundleRejected(f"{path}: sha256 {digest} does not match the manifest")
+        size = entry.get("bytes")
+        if digest != entry.get("sha256") or (size is not None and size != len(data)):
+            raise BundleRejected(
+                f"{path}: does not match the manifest: sha256 {digest} ({len(data)} bytes), "
+                f"manifest says sha256 {entry.get('sha256')} ({size} bytes)"
+            )
         if name == MODEL_FILE:
             model_bytes = data
     return model_bytes

@@ -108,6 +108,7 @@ class ServiceProcess:
         self.argv = [sys.executable, "-m", "service", "--model-dir", str(model_dir),
                      "--redis-url", redis_url, "--host", "127.0.0.1", "--port", str(self.port)]
         self.process: subprocess.Popen[bytes] | None = None
+        self.http = self.client()  # for the test's own thread; other threads make their own
 
     def start(self, timeout: float = 60.0) -> ServiceProcess:
         log = self.log_path.open("ab")
@@ -131,7 +132,12 @@ class ServiceProcess:
             return None
         code = processes.stop(self.process, timeout=10.0)
         self.process = None
+        self.http.close()
         return code
+
+    def client(self) -> httpx.Client:
+        """A keep-alive client; build it once, not per request (httpx loads CA certificates)."""
+        return httpx.Client(base_url=self.url, timeout=10.0)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
