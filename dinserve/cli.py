@@ -290,8 +290,42 @@ def _add_openapi(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.set_defaults(handler="dinserve.openapi:run")
 
 
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time the serving graph against the tiled graph and PyTorch (same weights)",
+        description=(
+            "For the reference workloads (W1 paper-scale, W2 DeepCTR-default; DESIGN.md), export "
+            "one random DIN as the serving graph, the naive tiled graph and a variant, and time "
+            "them interleaved in one run with identical onnxruntime settings, next to PyTorch "
+            "eager and a plain MatMul of the serving graph's FLOP count (roofline reference). "
+            "Prints medians, p99s, ratios and score differences; --out writes them as JSON."
+        ),
+    )
+    p.add_argument("--workload", nargs="+", default=["W1", "W2"], choices=["W1", "W2"],
+                   help="(default: %(default)s)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="onnxruntime intra-op (and torch) thread counts, each measured "
+                        "(default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=100,
+                   help="timed calls per variant (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="untimed calls per variant first (default: %(default)s)")
+    p.add_argument("--items", type=int, default=1_000_000,
+                   help="item vocabulary (default: %(default)s, W1's)")
+    p.add_argument("--categories", type=int, default=10_000,
+                   help="category vocabulary (default: %(default)s, W1's)")
+    p.add_argument("--categories-per-item", type=int, default=1,
+                   help="C; the paper's datasets have one category per item (default: %(default)s)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch eager variants")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--out", default=None, help="JSON report path (default: print only)")
+    p.set_defaults(handler="bench.graph:run")
+
+
 BUILDERS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_train, _add_export, _add_serve, _add_history, _add_demo, _add_openapi, _add_loadtest,
+    _add_bench,
 )
 
 

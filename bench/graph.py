@@ -1,0 +1,377 @@
+"""`dinserve bench`: the serving graph against the tiled graph and PyTorch, side by side.
+
+Owns the graph-level benchmark of issues 2 and 5: for each reference workload (DESIGN.md: W1
+paper-scale, W2 DeepCTR-default) it builds ONE random DIN, exports the serving graph, the naive
+tiled graph and the "product" variant of the serving graph (q ⊙ k materialised, for the pair-term
+choice in serving.py) from the same weights, and times them round-robin in one process with
+identical onnxruntime settings (model_export.export.session: ORT_ENABLE_ALL, sequential), next to
+PyTorch eager (torch.inference_mode) on the DIN itself and on the serving module. Scores are
+compared too. A roofline reference, a plain MatMul with the serving graph's FLOP count timed in
+the same loop, says what fraction of the machine's matrix throughput the graph reaches.
+
+Machines here are shared and noisy: variants are interleaved call by call, so a busy neighbour
+slows them all alike, and the report leads with ratios of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from numpy.typing import NDArray
+
+from model_export.din import DIN, Dice, preset_config
+from model_export.export import (
+    Feeds,
+    export_onnx,
+    input_names,
+    reference_scores,
+    session,
+    tile,
+)
+from model_export.serving import ServingDIN
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A reference workload: network sizes, vocabulary sizes, request shape, target ratio."""
+
+    name: str
+    preset: str
+    sizes: dict[str, Any]
+    candidates: int
+    history: int
+    target_ratio: float  # serving graph vs naive graph, issue 5's acceptance
+
+
+WORKLOADS = {
+    # DESIGN.md W1, paper-scale: item ‖ cate 64 ‖ 64, attention 80 -> 40, MLP 200 -> 80, Dice.
+    "W1": Workload(
+        "W1", "paper",
+        dict(item_dim=64, category_dim=64, attention_units=(80, 40), mlp_units=(200, 80),
+             attention_activation="dice", mlp_activation="dice"),
+        candidates=200, history=100, target_ratio=4.0,
+    ),
+    # DESIGN.md W2, DeepCTR-Torch defaults: 8 ‖ 8, attention 64 -> 16 Dice, DNN 256 -> 128 ReLU.
+    "W2": Workload(
+        "W2", "deepctr",
+        dict(item_dim=8, category_dim=8, attention_units=(64, 16), mlp_units=(256, 128),
+             attention_activation="dice", mlp_activation="relu"),
+        candidates=500, history=50, target_ratio=3.0,
+    ),
+}
+
+
+def random_din(workload: Workload, n_items: int, n_categories: int, categories_per_item: int,
+               seed: int) -> DIN:
+    """Random weights, and random Dice running statistics so folding does real work."""
+    torch.manual_seed(seed)
+    config = preset_config(
+        workload.preset, n_items=n_items, n_categories=n_categories,
+        max_categories=categories_per_item, max_history_length=workload.history,
+        **workload.sizes,
+    )
+    model = DIN(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Dice):
+                module.norm.running_mean.uniform_(-0.5, 0.5)
+                module.norm.running_var.uniform_(0.5, 2.0)
+                module.alpha.uniform_(-0.5, 0.5)
+    return model
+
+
+def request(model: DIN, n: int, length: int, seed: int) -> Feeds:
+    """One request of the workload's shape: a full history (no padding), n candidates."""
+    rng = np.random.default_rng(seed)
+    config = model.config
+    c = config.max_categories
+    history = rng.integers(2, config.n_items, size=length, dtype=np.int64)
+    candidates = rng.integers(2, config.n_items, size=n, dtype=np.int64)
+    return {
+        "history_items": history,
+        "history_categories": rng.integers(2, config.n_categories, size=(length, c)),
+        "candidate_items": candidates,
+        "candidate_categories": rng.integers(2, config.n_categories, size=(n, c)),
+    }
+
+
+def matmul_flops(path: Path, feeds: Feeds) -> int:
+    """2·M·K·N summed over the MatMul/Gemm nodes of the graph, at these feeds' shapes.
+
+    Shapes come from onnx shape inference with the inputs fixed to the feeds' shapes, so this
+    counts what the exported graph really multiplies, not what we meant it to.
+    """
+    model = onnx.load(str(path))
+    for value in model.graph.input:
+        if value.name in feeds:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, feeds[value.name].shape, strict=True):
+                dim.Clear()
+                dim.dim_value = int(size)
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    shapes: dict[str, list[int]] = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+        shapes[value.name] = [d.dim_value for d in value.type.tensor_type.shape.dim]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    total = 0
+    for node in inferred.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        out = shapes.get(node.output[0])
+        a = shapes.get(node.input[0])
+        if not out or not a or 0 in out:
+            continue
+        trans_a = any(att.name == "transA" and att.i for att in node.attribute)
+        k = a[-2] if (node.op_type == "Gemm" and trans_a) else a[-1]
+        total += 2 * int(np.prod(out)) * k
+    return total
+
+
+def roofline_graph(path: Path, flops: int) -> tuple[Feeds, list[int]]:
+    """A single-MatMul ONNX graph [M, K] @ [K, M] with about `flops` FLOPs; returns its feeds."""
+    side = max(16, round((flops / 2) ** (1 / 3)))
+    m = k = n = side
+    a = onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [m, k])
+    b = onnx.helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [k, n])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [m, n])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["a", "b"], ["y"])],
+                                   "roofline", [a, b], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save(model, str(path))
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((m, k), dtype=np.float32),
+             "b": rng.standard_normal((k, n), dtype=np.float32)}
+    return feeds, [m, k, n]  # type: ignore[return-value]
+
+
+@dataclass
+class Variant:
+    name: str
+    call: Callable[[], NDArray[np.float32] | None]
+    flops: int | None = None
+    samples: list[float] = field(default_factory=list)
+
+    def stats(self) -> dict[str, Any]:
+        ms = np.asarray(self.samples) * 1e3
+        median = float(np.median(ms))
+        out = {
+            "median_ms": round(median, 3),
+            "p99_ms": round(float(np.percentile(ms, 99)), 3),
+            "mean_ms": round(float(ms.mean()), 3),
+            "min_ms": round(float(ms.min()), 3),
+            "calls": len(self.samples),
+        }
+        if self.flops:
+            out["mflops"] = round(self.flops / 1e6, 1)
+            out["gflops_per_s_at_median"] = round(self.flops / (median / 1e3) / 1e9, 1)
+        return out
+
+
+def time_round_robin(variants: list[Variant], repeats: int, warmup: int) -> None:
+    """Call each variant `repeats` times, interleaved, rotating the order every round."""
+    for _ in range(warmup):
+        for v in variants:
+            v.call()
+    for r in range(repeats):
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            start = time.perf_counter()
+            v.call()
+            v.samples.append(time.perf_counter() - start)
+
+
+def ort_call(sess: ort.InferenceSession, feeds: Feeds) -> Callable[[], NDArray[np.float32]]:
+    names = [i.name for i in sess.get_inputs()]
+    bound = {name: feeds[name] for name in names}
+    outputs = [sess.get_outputs()[0].name]
+
+    def call() -> NDArray[np.float32]:
+        result: NDArray[np.float32] = sess.run(outputs, bound)[0]
+        return result
+
+    return call
+
+
+def bench_workload(
+    workload: Workload, args: argparse.Namespace, workdir: Path
+) -> list[dict[str, Any]]:
+    """All variants of one workload, once per thread count; one result dict per thread count."""
+    n, length = workload.candidates, workload.history
+    model = random_din(workload, args.items + 2, args.categories + 2, args.categories_per_item,
+                       args.seed)
+    feeds = request(model, n, length, args.seed + 1)
+    tiled = tile(feeds)
+    paths = {
+        "serving": workdir / f"{workload.name}_serving.onnx",
+        "naive": workdir / f"{workload.name}_naive.onnx",
+        "serving_product": workdir / f"{workload.name}_product.onnx",
+        "roofline": workdir / f"{workload.name}_roofline.onnx",
+    }
+    started = time.perf_counter()
+    export_onnx(model, paths["serving"])
+    export_onnx(model, paths["naive"], naive=True)
+    export_onnx(model, paths["serving_product"], pair_strategy="product")
+    export_seconds = time.perf_counter() - started
+    flops = {
+        "serving": matmul_flops(paths["serving"], feeds),
+        "serving_product": matmul_flops(paths["serving_product"], feeds),
+        "naive": matmul_flops(paths["naive"], tiled),
+    }
+    roofline_feeds, roofline_shape = roofline_graph(paths["roofline"], flops["serving"])
+    reference = reference_scores(model, feeds)
+    serving_module = ServingDIN(model).eval()
+    torch_inputs = tuple(torch.from_numpy(np.array(feeds[k])) for k in input_names(model))
+    torch_tiled = tuple(torch.from_numpy(np.array(tiled[k])) for k in input_names(model))
+
+    def torch_din() -> NDArray[np.float32]:
+        with torch.inference_mode():
+            return torch.sigmoid(model(*torch_tiled)).numpy()
+
+    def torch_serving() -> NDArray[np.float32]:
+        with torch.inference_mode():
+            return serving_module(*torch_inputs).numpy()
+
+    results = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        sessions = {name: session(path, threads) for name, path in paths.items()}
+        variants = [
+            Variant("serving", ort_call(sessions["serving"], feeds), flops["serving"]),
+            Variant("naive", ort_call(sessions["naive"], tiled), flops["naive"]),
+            Variant("serving_product", ort_call(sessions["serving_product"], feeds),
+                    flops["serving_product"]),
+            Variant("roofline_matmul", ort_call(sessions["roofline"], roofline_feeds),
+                    int(2 * np.prod(roofline_shape))),
+        ]
+        if not args.no_torch:
+            variants += [Variant("torch_eager_din", torch_din, flops["naive"]),
+                         Variant("torch_eager_serving", torch_serving, flops["serving"])]
+        diffs = {}
+        for v in variants:
+            if v.name == "roofline_matmul":
+                continue
+            got = v.call()
+            assert got is not None
+            diffs[v.name] = float(np.max(np.abs(got.astype(np.float64) - reference)))
+        time_round_robin(variants, args.repeats, args.warmup)
+        stats = {v.name: v.stats() for v in variants}
+        median = {name: s["median_ms"] for name, s in stats.items()}
+        p99 = {name: s["p99_ms"] for name, s in stats.items()}
+        ratios = {
+            f"{name}/serving": round(median[name] / median["serving"], 2)
+            for name in median if name != "serving"
+        }
+        ratios_p99 = {
+            f"{name}/serving": round(p99[name] / p99["serving"], 2)
+            for name in p99 if name != "serving"
+        }
+        results.append({
+            "workload": workload.name,
+            "preset": workload.preset,
+            "config": model.config.to_dict(),
+            "candidates": n,
+            "history_length": length,
+            "intra_op_threads": threads,
+            "variants": stats,
+            "ratios_of_medians": ratios,
+            "ratios_of_p99": ratios_p99,
+            "roofline": {
+                "matmul_shape": roofline_shape,
+                # Time a MatMul of the serving graph's FLOPs takes / time the serving graph takes.
+                "fraction_of_matmul_throughput": round(
+                    median["roofline_matmul"] / median["serving"], 3),
+            },
+            "max_abs_diff_vs_pytorch_din": diffs,
+            "target": {
+                "naive/serving": workload.target_ratio,
+                "met": ratios["naive/serving"] >= workload.target_ratio
+                and diffs["serving"] <= 1e-5 and diffs["naive"] <= 1e-5,
+            },
+            "export_seconds": round(export_seconds, 1),
+        })
+        print_result(results[-1])
+    return results
+
+
+def print_result(r: dict[str, Any]) -> None:
+    print(f"\n{r['workload']} ({r['preset']}): N = {r['candidates']} candidates, "
+          f"L = {r['history_length']}, intra_op_threads = {r['intra_op_threads']}")
+    print(f"  {'variant':<22}{'median ms':>10}{'p99 ms':>10}{'MFLOP':>9}{'GFLOP/s':>9}"
+          f"{'max|diff|':>11}")
+    diffs = r["max_abs_diff_vs_pytorch_din"]
+    for name, s in r["variants"].items():
+        diff = f"{diffs[name]:.1e}" if name in diffs else "-"
+        print(f"  {name:<22}{s['median_ms']:>10.2f}{s['p99_ms']:>10.2f}"
+              f"{s.get('mflops', 0):>9.0f}{s.get('gflops_per_s_at_median', 0):>9.1f}{diff:>11}")
+    ratios = ", ".join(f"{k} {v}x" for k, v in r["ratios_of_medians"].items())
+    print(f"  ratios of medians: {ratios}")
+    target = r["target"]
+    print(f"  naive/serving {r['ratios_of_medians']['naive/serving']}x "
+          f"(target >= {target['naive/serving']}x, scores within 1e-5: "
+          f"{'met' if target['met'] else 'NOT met'}); serving graph reaches "
+          f"{r['roofline']['fraction_of_matmul_throughput']:.0%} of a plain MatMul's throughput")
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "onnx": onnx.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dinserve bench`: time every workload; write --out JSON when asked; 0 unless it crashed."""
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {
+            "graph_optimization": "ORT_ENABLE_ALL",
+            "execution_mode": "ORT_SEQUENTIAL",
+            "inter_op_threads": 1,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "items": args.items,
+            "categories": args.categories,
+            "categories_per_item": args.categories_per_item,
+            "seed": args.seed,
+        },
+        "command": " ".join(sys.argv),
+        "results": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="dinserve-bench-") as tmp:
+        for name in args.workload:
+            report["results"] += bench_workload(WORKLOADS[name], args, Path(tmp))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {args.out}")
+    return 0
+
