@@ -112,13 +112,20 @@ class Demo:
         self.redis: LocalRedis | None = None  # set when the demo starts its own redis-server
         self.service_log = self.layout.state / "service.log"
 
-    def run_child(self, name: str, argv: list[str]) -> None:
-        """Run a step to completion in its own process group; output goes to our terminal."""
+    def start_child(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Start a step in its own process group; its output goes to our terminal."""
         proc = processes.spawn(argv, env=child_env())
         self.stack.callback(processes.stop, proc)  # no-op once it has exited
+        return proc
+
+    @staticmethod
+    def finish_child(name: str, proc: subprocess.Popen[bytes]) -> None:
         code = proc.wait()
         if code != 0:
             raise DemoError(f"{name} failed (exit code {code}); its output is above")
+
+    def run_child(self, name: str, argv: list[str]) -> None:
+        self.finish_child(name, self.start_child(argv))
 
     # -- model -----------------------------------------------------------------------------------
 
@@ -182,12 +189,10 @@ class Demo:
         self.redis = server
         return server.url
 
-    def load_histories(self, redis_url: str, bundle: Path) -> None:
-        t0 = time.perf_counter()
-        self.run_child("dinserve history load", dinserve_argv(
+    def start_history_load(self, redis_url: str, bundle: Path) -> subprocess.Popen[bytes]:
+        return self.start_child(dinserve_argv(
             "history", "load", "--data", self.layout.data, "--format", self.args.format,
             "--redis-url", redis_url, "--model-dir", bundle))
-        say(f"histories: loaded in {time.perf_counter() - t0:.1f}s")
 
     # -- service ---------------------------------------------------------------------------------
 
@@ -239,15 +244,17 @@ class Demo:
             )
         bundle = self.ensure_model()
         redis_url = self.ensure_redis()
-        self.load_histories(redis_url, bundle)
+        # The history load, the service's start (model load, self-check, warm-up) and picking the
+        # example each take seconds and need nothing from each other: run them side by side.
+        loader = self.start_history_load(redis_url, bundle)
         if args.setup_only:
+            self.finish_child("dinserve history load", loader)
             say(f"setup done in {time.perf_counter() - self.started:.1f}s: bundle {bundle}, "
                 f"histories in {redact(redis_url)}")
             return 0
-
         service = self.start_service(redis_url, host, port)
-        # Picking the example reads the log (~1 s on MovieLens): overlap it with the model load.
         example = Example.pick(self.layout.data, args.format, bundle)
+        self.finish_child("dinserve history load", loader)
         base_url = f"http://{client_host(host)}:{port}"
         self.wait_ready(service, base_url)
         ready_after = time.perf_counter() - self.started
