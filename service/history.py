@@ -22,7 +22,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -58,18 +58,21 @@ def open_client(url: str, *, deadline_seconds: float, max_connections: int) -> R
 
     No retries (the deadline leaves no time for them, and a retry against a stalled server only
     doubles the wait); socket timeouts a little above the deadline so a connection never lingers on
-    a dead peer even if a caller forgets the deadline.
+    a dead peer even if a caller forgets the deadline. A blocking pool: past max_connections a
+    request waits for a free connection (bounded by its deadline) instead of failing at once.
     """
     socket_timeout = max(1.0, 4 * deadline_seconds)
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=deadline_seconds,
         decode_responses=False,  # values are decoded here, so bad bytes are counted, not raised
         socket_timeout=socket_timeout,
         socket_connect_timeout=socket_timeout,
         retry=Retry(NoBackoff(), 0),
-        max_connections=max_connections,
         health_check_interval=0,
     )
+    return Redis.from_pool(pool)
 
 
 class HistoryStore:

@@ -84,7 +84,7 @@ class Metrics:
         self.redis_errors = Counter(
             "ctr_redis_errors_total",
             "History reads that failed: deadline missed or Redis error",
-            ["kind"],
+            ["reason"],
             registry=r,
         )
         self.history_skipped = Counter(

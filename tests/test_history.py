@@ -166,3 +166,18 @@ def test_redis_restarted_on_the_same_port_is_used_again(private_redis: PrivateRe
             await store.client.aclose()
 
     run(scenario())
+
+
+def test_a_full_pool_makes_requests_wait_not_fail(redis_url: str, redis_prefix: str) -> None:
+    with redis.Redis.from_url(redis_url) as r:
+        r.rpush(keys(redis_prefix, "u")[0], "1")
+
+    async def scenario() -> list[History]:
+        client = open_client(redis_url, deadline_seconds=2.0, max_connections=2)
+        store = HistoryStore(client, redis_prefix, 2.0)
+        try:
+            return list(await asyncio.gather(*(store.fetch("u", 5, False) for _ in range(12))))
+        finally:
+            await client.aclose()
+
+    assert [h.items for h in run(scenario())] == [["1"]] * 12

@@ -177,7 +177,7 @@ def test_unreachable_redis_degrades_then_recovers_without_restart(
     print(f"recovered {recovered_after * 1000:.0f} ms after Redis came back")
     metrics = svc.http.get("/metrics").text
     assert metric(metrics, "ctr_degraded_requests_total", reason="connection") >= 10
-    assert metric(metrics, "ctr_redis_errors_total", kind="connection") >= 10
+    assert metric(metrics, "ctr_redis_errors_total", reason="connection") >= 10
 
 
 def wait_until_not_degraded(
