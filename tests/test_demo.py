@@ -251,3 +251,42 @@ def test_a_taken_port_is_reported_before_any_work(tmp_path: Path) -> None:
     assert f"port {port} on 127.0.0.1 is already in use" in result.stdout
     assert "--port" in result.stdout
     assert not (tmp_path / "runs").exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_setup_only_loads_histories_and_exits(
+    workdir: Path, redis_url: str, redis_prefix: str
+) -> None:
+    """docker-compose's model job: reuse the bundle, load histories, exit 0, serve nothing."""
+    if not list((workdir / "models" / "demo").glob("*/manifest.json")):
+        pytest.skip("needs the bundle of the first run")
+    env = clean_env(REDIS_URL=redis_url, CTR_REDIS_PREFIX=redis_prefix)
+    result = subprocess.run(
+        [sys.executable, "-m", "dinserve", "demo", "--setup-only", "--workdir", str(workdir),
+         *QUICK],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "setup done" in result.stdout
+    assert "service: started" not in result.stdout and "redis: started" not in result.stdout
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert client.llen(f"{redis_prefix}:hist:1") > 0
+    finally:
+        client.close()
+
+
+def test_setup_only_refuses_a_redis_that_does_not_answer(tmp_path: Path) -> None:
+    """The model job must fail loudly rather than load histories into a Redis of its own."""
+    (tmp_path / "models" / "demo" / "1").mkdir(parents=True)
+    (tmp_path / "models" / "demo" / "1" / "manifest.json").write_text("{}")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # bound, never listening: connections are refused
+        result = subprocess.run(
+            [sys.executable, "-m", "dinserve", "demo", "--setup-only", "--workdir", str(tmp_path),
+             "--redis-url", f"redis://127.0.0.1:{port}/0"],
+            cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 1
+    assert "does not answer PING" in result.stdout
