@@ -62,16 +62,31 @@ def json_response(payload: Any, status_code: int = 200) -> Response:
     )
 
 
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A JSON schema with its local `$defs` references replaced by the definitions themselves.
+
+    The request body is validated from raw bytes (not through a FastAPI body parameter), so its
+    schema is handed to openapi_extra, where a `#/$defs/...` reference would dangle.
+    """
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)  # type: ignore[no-any-return]
+
+
 _SCORE_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {
-            "application/json": {
-                "schema": ScoreRequest.model_json_schema(
-                    ref_template="#/components/schemas/{model}"
-                )
-            }
-        },
+        "content": {"application/json": {"schema": _inline_defs(ScoreRequest.model_json_schema())}},
     },
 }
 
