@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -75,10 +78,21 @@ def run_cli(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         access_log=settings.access_log,
         lifespan="on",
+        # SIGTERM: stop accepting, let requests in flight finish (at most this long), then the
+        # lifespan shutdown. docs/reliability.md, tests/test_faults.py.
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_seconds),
     )
     server = uvicorn.Server(config)
+    # uvicorn re-raises the signal it handled once its graceful shutdown is over; under the
+    # default SIGTERM disposition that kills the process (status -15), so an orderly drain would
+    # look like a crash to the orchestrator. With a no-op handler a drained SIGTERM exits 0.
+    signal.signal(signal.SIGTERM, _drained)
     server.run()
     return 0 if server.started else 1
+
+
+def _drained(signum: int, frame: FrameType | None) -> None:
+    """Receives uvicorn's re-raised SIGTERM after the drain: nothing left to do."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from service.history import HistoryStore, open_client
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestTiming
 from service.model import CTRModel
+from service.overload import AdmissionControl
 from service.reload import ModelHolder
 from service.routes import router
 
@@ -98,7 +99,16 @@ def create_app(settings: Settings | None = None, *, model: CTRModel | None = Non
     app.state.metrics = metrics  # also read by the error handlers (errors.count_error)
     install_error_handlers(app)
     app.include_router(router)
-    # Added last = outermost: timing sees every answer, the size limit runs before any parsing.
+    # Added last = outermost: timing sees every answer, the size limit runs before any parsing,
+    # and admission control (service/overload.py) sheds load before a body is read.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        AdmissionControl,
+        metrics=metrics,
+        max_in_flight=settings.max_in_flight,
+        max_queued=settings.max_queued,
+        queue_timeout_seconds=settings.queue_timeout_ms / 1000.0,
+        body_timeout_seconds=settings.body_timeout_ms / 1000.0,
+    )
     app.add_middleware(RequestTiming, metrics=metrics)
     return app

@@ -105,6 +105,33 @@ class Settings(BaseSettings):
         description="request body size, checked before parsing (chunked bodies too)",
     )
 
+    # Overload and slow clients (service/overload.py; docs/reliability.md). Only POST /score is
+    # gated: probes, /metrics and /model answer even when scoring is saturated.
+    max_in_flight: PositiveInt = Field(
+        default=32,
+        description="POST /score requests processed at once; more wait in the admission queue",
+    )
+    max_queued: int = Field(
+        default=64,
+        ge=0,
+        description="requests allowed to wait for a slot; beyond it a 503 `overloaded` with "
+        "Retry-After at once (0 = no queue)",
+    )
+    queue_timeout_ms: PositiveFloat = Field(
+        default=200.0,
+        description="longest wait in the admission queue before a 503 `overloaded`",
+    )
+    body_timeout_ms: PositiveFloat = Field(
+        default=5000.0,
+        description="time allowed to receive a request body; a slower client gets 408 and its "
+        "connection is closed",
+    )
+    shutdown_timeout_seconds: PositiveFloat = Field(
+        default=30.0,
+        description="on SIGTERM, how long requests in flight may take to finish before they are "
+        "cancelled",
+    )
+
     # HTTP server
     host: str = Field(default="127.0.0.1", description="address uvicorn binds")
     port: int = Field(

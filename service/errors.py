@@ -3,13 +3,16 @@
     ServiceError (500)
     ├── InvalidRequest (422)          a client mistake; names the field and, when any, the limit
     │   ├── RequestTooLarge (413)     body over max_body_bytes (checked before parsing)
-    │   └── UnsupportedMediaType (415)
+    │   ├── UnsupportedMediaType (415)
+    │   └── RequestTimeout (408)      body not received within body_timeout_ms (slow client)
     ├── Unauthorized (401)            admin call without the right bearer token
     ├── NotFound (404)                unknown route, or the admin endpoint while it is off
     ├── MethodNotAllowed (405)
     ├── BundleRejected (409)          a model bundle failed its checks (load or reload)
     ├── HistoryUnavailable (503)      Redis missed the deadline or is down (fail policy)
     ├── ModelNotReady (503)
+    ├── Overloaded (503)              admission queue full or waited too long (service/overload.py)
+    ├── DeadlineExceeded (504)        the caller's X-Request-Deadline-Ms passed before the answer
     └── InferenceFailed (500)         onnxruntime raised
 
 Each class carries its status and a stable `code`; service_error_handler reads them, so adding an
@@ -123,6 +126,31 @@ class HistoryUnavailable(ServiceError):
 class ModelNotReady(ServiceError):
     status = 503
     code = "model_not_ready"
+
+
+class RequestTimeout(InvalidRequest):
+    """The client sent its body too slowly (slow-loris); the connection is closed after this."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class Overloaded(ServiceError):
+    """Admission control refused the request: too many in flight and the queue full or too slow."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, *, reason: str, retry_after_seconds: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_seconds)})
+        self.reason = reason
+
+
+class DeadlineExceeded(ServiceError):
+    """The caller's deadline passed while the request waited or ran; its work was dropped."""
+
+    status = 504
+    code = "deadline_exceeded"
 
 
 class InferenceFailed(ServiceError):

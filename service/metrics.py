@@ -38,6 +38,7 @@ LATENCY_BUCKETS = (
     2.5,
 )
 STAGES = ("history", "features", "inference")
+REJECT_REASONS = ("queue_full", "queue_timeout", "deadline", "body_timeout")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -111,6 +112,28 @@ class Metrics:
             ["name", "version"],
             registry=r,
         )
+        # Admission control (service/overload.py): what was refused or dropped, and how full the
+        # gate is. A queue that stays at its cap in ctr_requests_queued means "add replicas".
+        self.rejected = Counter(
+            "ctr_rejected_requests_total",
+            "Requests refused or dropped by admission control, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "ctr_requests_in_flight", "Gated requests being processed now", registry=r
+        )
+        self.queued = Gauge(
+            "ctr_requests_queued", "Gated requests waiting for a processing slot", registry=r
+        )
+        self.queue_wait_seconds = Histogram(
+            "ctr_queue_wait_seconds",
+            "Time an admitted request waited for its processing slot",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
         for stage in STAGES:
             self.stage_seconds.labels(stage)  # expose zeroed series from the start
         for result in ("loaded", "rejected"):
