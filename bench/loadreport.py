@@ -153,7 +153,7 @@ def draw_picture(phases: Sequence[PhaseResult], path: Path, *, title: str,
             else:
                 bad_x.append(x)
                 bad_y.append(y)
-        ax.scatter(ok_x, ok_y, s=2, color=colors(i % 10), alpha=0.6, linewidths=0,
+        ax.scatter(ok_x, ok_y, s=3, color=colors(i % 10), alpha=0.6, linewidths=0,
                    label=f"{phase.name} ({phase.offered_rps:.0f}/s)" if len(phases) <= 12 else None)
         if bad_x:
             ax.scatter(bad_x, bad_y, s=10, marker="x", color="red", linewidths=0.8,
@@ -166,7 +166,7 @@ def draw_picture(phases: Sequence[PhaseResult], path: Path, *, title: str,
     ax.set_title(title + (f"  (every {stride}th request)" if stride > 1 else ""))
     ax.grid(True, which="both", alpha=0.3)
     if len(phases) <= 12:
-        ax.legend(loc="upper left", fontsize=7, markerscale=4, ncol=2)
+        ax.legend(loc="upper left", fontsize=7, ncol=2)
 
     ax = axes[1]
     curve_phases = [p for p in phases if p.latency.get_total_count()]
@@ -240,6 +240,8 @@ def format_table(phases: Sequence[PhaseResult]) -> str:
         if p.errors:
             errors = ", ".join(f"{k}={v}" for k, v in sorted(p.errors.items()))
             lines.append(f"    errors: {errors}")
+        if p.degraded:
+            lines.append(f"    {p.degraded} answers said degraded: true (scored without history)")
         if p.queued_at_cap:
             lines.append(f"    {p.queued_at_cap} requests queued with the pool at its cap "
                          f"(first at {p.first_queued_at_s} s)")
