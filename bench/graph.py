@@ -1,13 +1,14 @@
 """`dinserve bench`: the serving graph against the tiled graph and PyTorch, side by side.
 
 Owns the graph-level benchmark of issues 2 and 5: for each reference workload (DESIGN.md: W1
-paper-scale, W2 DeepCTR-default) it builds ONE random DIN, exports the serving graph, the naive
-tiled graph and the "product" variant of the serving graph (q ⊙ k materialised, for the pair-term
-choice in serving.py) from the same weights, and times them round-robin in one process with
-identical onnxruntime settings (model_export.export.session: ORT_ENABLE_ALL, sequential), next to
-PyTorch eager (torch.inference_mode) on the DIN itself and on the serving module. Scores are
-compared too. A roofline reference, a plain MatMul with the serving graph's FLOP count timed in
-the same loop, says what fraction of the machine's matrix throughput the graph reaches.
+paper-scale, W2 DeepCTR-default) it builds ONE random DIN, exports from the same weights the
+serving graph (as `dinserve export` writes it), the naive tiled graph, and the serving graph with
+each other first-layer strategy of serving.ServingAttention (serving_operand / _dual / _product),
+and times them round-robin in one process with identical onnxruntime settings
+(model_export.export.session: ORT_ENABLE_ALL, sequential), next to PyTorch eager
+(torch.inference_mode) on the DIN itself and on the serving module. Scores are compared too. A
+roofline reference, a plain square MatMul with the serving graph's useful FLOP count timed in the
+same loop, says what fraction of the machine's matrix throughput the graph reaches.
 
 Machines here are shared and noisy: variants are interleaved call by call, so a busy neighbour
 slows them all alike, and the report leads with ratios of medians.
@@ -42,7 +43,7 @@ from model_export.export import (
     session,
     tile,
 )
-from model_export.serving import ServingDIN
+from model_export.serving import ServingAttention, ServingDIN
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,10 @@ def random_din(workload: Workload, n_items: int, n_categories: int, categories_p
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, Dice):
-                module.norm.running_mean.uniform_(-0.5, 0.5)
-                module.norm.running_var.uniform_(0.5, 2.0)
+                mean, var = module.norm.running_mean, module.norm.running_var
+                assert mean is not None and var is not None
+                mean.uniform_(-0.5, 0.5)
+                var.uniform_(0.5, 2.0)
                 module.alpha.uniform_(-0.5, 0.5)
     return model
 
@@ -216,23 +219,29 @@ def bench_workload(
                        args.seed)
     feeds = request(model, n, length, args.seed + 1)
     tiled = tile(feeds)
-    paths = {
-        "serving": workdir / f"{workload.name}_serving.onnx",
-        "naive": workdir / f"{workload.name}_naive.onnx",
-        "serving_product": workdir / f"{workload.name}_product.onnx",
-        "roofline": workdir / f"{workload.name}_roofline.onnx",
-    }
+    # The serving graph as export writes it ("auto"), and each other strategy it could have used.
+    chosen = ServingDIN(model).attention
+    strategy = chosen.strategy if chosen is not None else "operand"
+    alternatives = [
+        s for s in ("operand", "dual", "product")
+        if s != strategy and chosen is not None and ServingAttention(model, s).strategy == s
+    ]
+    paths = {"serving": workdir / f"{workload.name}_serving.onnx",
+             "naive": workdir / f"{workload.name}_naive.onnx"}
     started = time.perf_counter()
     export_onnx(model, paths["serving"])
     export_onnx(model, paths["naive"], naive=True)
-    export_onnx(model, paths["serving_product"], pair_strategy="product")
+    for alt in alternatives:
+        paths[f"serving_{alt}"] = workdir / f"{workload.name}_serving_{alt}.onnx"
+        export_onnx(model, paths[f"serving_{alt}"], strategy=alt)
     export_seconds = time.perf_counter() - started
-    flops = {
-        "serving": matmul_flops(paths["serving"], feeds),
-        "serving_product": matmul_flops(paths["serving_product"], feeds),
-        "naive": matmul_flops(paths["naive"], tiled),
-    }
-    roofline_feeds, roofline_shape = roofline_graph(paths["roofline"], flops["serving"])
+    flops = {name: matmul_flops(path, tiled if name == "naive" else feeds)
+             for name, path in paths.items()}
+    # Useful work: the decomposed layer computed once ("dual" repeats a GEMM to save memory
+    # passes, and the roofline should not credit it for that).
+    useful = min(f for name, f in flops.items() if name != "naive")
+    paths["roofline"] = workdir / f"{workload.name}_roofline.onnx"
+    roofline_feeds, roofline_shape = roofline_graph(paths["roofline"], useful)
     reference = reference_scores(model, feeds)
     serving_module = ServingDIN(model).eval()
     torch_inputs = tuple(torch.from_numpy(np.array(feeds[k])) for k in input_names(model))
@@ -240,24 +249,25 @@ def bench_workload(
 
     def torch_din() -> NDArray[np.float32]:
         with torch.inference_mode():
-            return torch.sigmoid(model(*torch_tiled)).numpy()
+            scores: NDArray[np.float32] = torch.sigmoid(model(*torch_tiled)).numpy()
+        return scores
 
     def torch_serving() -> NDArray[np.float32]:
         with torch.inference_mode():
-            return serving_module(*torch_inputs).numpy()
+            scores: NDArray[np.float32] = serving_module(*torch_inputs).numpy()
+        return scores
 
     results = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         sessions = {name: session(path, threads) for name, path in paths.items()}
         variants = [
-            Variant("serving", ort_call(sessions["serving"], feeds), flops["serving"]),
-            Variant("naive", ort_call(sessions["naive"], tiled), flops["naive"]),
-            Variant("serving_product", ort_call(sessions["serving_product"], feeds),
-                    flops["serving_product"]),
-            Variant("roofline_matmul", ort_call(sessions["roofline"], roofline_feeds),
-                    int(2 * np.prod(roofline_shape))),
+            Variant(name, ort_call(sessions[name], tiled if name == "naive" else feeds),
+                    flops[name])
+            for name in paths if name != "roofline"
         ]
+        variants.append(Variant("roofline_matmul", ort_call(sessions["roofline"], roofline_feeds),
+                                int(2 * np.prod(roofline_shape))))
         if not args.no_torch:
             variants += [Variant("torch_eager_din", torch_din, flops["naive"]),
                          Variant("torch_eager_serving", torch_serving, flops["serving"])]
@@ -290,9 +300,11 @@ def bench_workload(
             "variants": stats,
             "ratios_of_medians": ratios,
             "ratios_of_p99": ratios_p99,
+            "serving_strategy": strategy,
+            "useful_mflops": round(useful / 1e6, 1),
             "roofline": {
                 "matmul_shape": roofline_shape,
-                # Time a MatMul of the serving graph's FLOPs takes / time the serving graph takes.
+                # Time a MatMul of the graph's useful FLOPs takes / time the serving graph takes.
                 "fraction_of_matmul_throughput": round(
                     median["roofline_matmul"] / median["serving"], 3),
             },
@@ -310,7 +322,8 @@ def bench_workload(
 
 def print_result(r: dict[str, Any]) -> None:
     print(f"\n{r['workload']} ({r['preset']}): N = {r['candidates']} candidates, "
-          f"L = {r['history_length']}, intra_op_threads = {r['intra_op_threads']}")
+          f"L = {r['history_length']}, intra_op_threads = {r['intra_op_threads']}, serving "
+          f"strategy {r['serving_strategy']}, {r['useful_mflops']:.0f} useful MFLOP")
     print(f"  {'variant':<22}{'median ms':>10}{'p99 ms':>10}{'MFLOP':>9}{'GFLOP/s':>9}"
           f"{'max|diff|':>11}")
     diffs = r["max_abs_diff_vs_pytorch_din"]

@@ -90,20 +90,18 @@ def _torch_feeds(feeds: Feeds, names: Sequence[str]) -> tuple[torch.Tensor, ...]
     return tuple(torch.from_numpy(np.array(feeds[name], dtype=np.int64)) for name in names)
 
 
-def export_onnx(
-    model: DIN, path: Path, naive: bool = False, pair_strategy: str = "operand"
-) -> None:
+def export_onnx(model: DIN, path: Path, naive: bool = False, strategy: str = "auto") -> None:
     """Write the serving graph (or, naive=True, the tiled graph) of model to path.
 
     N and L are dynamic; C, U and X are fixed by the config. The sample used for tracing has
     N = 3 and L = 2 so that no dynamic size is 0 or 1 (the tracer would not specialise on them,
-    but a size of 1 hides broadcasting mistakes). pair_strategy: see serving.ServingAttention.
+    but a size of 1 hides broadcasting mistakes). strategy: see serving.ServingAttention.
     """
     names = input_names(model)
     sample = make_case(model, np.random.default_rng(0), length=2, n=3)
     if naive:
         sample = tile(sample)
-    module = NaiveDIN(model) if naive else ServingDIN(model, pair_strategy)
+    module = NaiveDIN(model) if naive else ServingDIN(model, strategy)
     if naive:
         axes: dict[str, dict[int, str]] = {
             "history_items": {0: "N", 1: "L"},

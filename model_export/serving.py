@@ -10,8 +10,11 @@ times. It owns no parameters of its own; everything it holds is derived from the
   request, K[e, l, h] = k[l, e]·W4[h, e] + (W1 + W3)[h, e], plus a bias row (W2 − W3)·k + b, so
   the whole first layer over all N × L pairs is ONE GEMM, [q ‖ 1] (N, E+1) @ K (E+1, L·H). The
   alternative, materialising q ⊙ k as (N, L, E) and multiplying by W4ᵀ, moves E/H more memory
-  and needs two extra broadcast adds over (N, L, H); bench/graph.py measures the difference.
-- Dice folds to p = σ(a·s + c) with running statistics (din.Dice.folded()).
+  and needs two extra broadcast adds over (N, L, H); bench/graph.py measures the difference
+  (serving_product: 1.2-1.4x slower at W1 and W2).
+- Dice folds to p = σ(a·s + c) with running statistics (din.Dice.folded()), and a and c go into
+  the preceding Linear (fold_linear). With small embeddings the pairs' element-wise passes, not
+  the GEMMs, dominate; ServingAttention's "dual" strategy removes most of them.
 - The first MLP layer's user/context columns are computed once per request and act as a bias.
 
 NaiveDIN is the same weights in the shape a general-purpose server forces (history tiled per
@@ -152,25 +155,40 @@ def fold_stack(
     return stack
 
 
+# Strategies for the per-pair part of the first attention layer (module docstring). "auto" takes
+# "dual" when the first layer's contraction E + 1 is at most this, else "operand". Measured with
+# bench/graph.py's models, interleaved, 1 thread: W2 (E + 1 = 17) dual/operand 0.79; W1
+# (E + 1 = 129) 1.45. A GEMM with a short contraction is bound by writing its output, so a second
+# one costs less than the three element-wise passes it removes; a long one is bound by arithmetic.
+DUAL_MAX_CONTRACTION = 32
+STRATEGIES = ("auto", "operand", "dual", "product")
+
+
 class ServingAttention(nn.Module):
     """The local activation unit over one history and N candidates, first layer decomposed.
 
-    pair_strategy "operand" (default) folds everything per behaviour into a key-side GEMM operand
-    (module docstring); "product" materialises q ⊙ k as (N·L, E) and multiplies it by W4ᵀ, kept
-    so that bench/graph.py can measure the choice.
+    strategy (all give the same scores; they differ in memory traffic):
+    - "operand": one GEMM [q ‖ 1] @ K gives u = a·s + c for every pair, then the four-op Dice.
+    - "dual": two GEMMs over the same operand, one with the sigmoid fused (onnxruntime's
+      FusedGemm): p = σ(u) and d = u − c directly; Dice·(a/β) = d ⊙ p + γ ⊙ d, and the linear
+      γ ⊙ d term is moved through the next layer's weights onto the operand (once per request),
+      so the pairs see one Mul instead of Sigmoid, Add, Sub and Mul. Needs a shifted Dice with a
+      following layer; otherwise "operand" is used.
+    - "product": materialises q ⊙ k as (N·L, E) and multiplies it by W4ᵀ (for the benchmark).
+    - "auto": "dual" when E + 1 <= DUAL_MAX_CONTRACTION and possible, else "operand".
     """
 
     query_weight: torch.Tensor
     key_weight: torch.Tensor
     pair_weight: torch.Tensor
     bias: torch.Tensor
+    hoisted_weight: torch.Tensor
     first_activation: FoldedActivation
 
-    def __init__(self, model: DIN, pair_strategy: str = "operand") -> None:
+    def __init__(self, model: DIN, strategy: str = "auto") -> None:
         super().__init__()
         assert model.attention is not None
-        assert pair_strategy in ("operand", "product"), pair_strategy
-        self.pair_strategy = pair_strategy
+        assert strategy in STRATEGIES, strategy
         self.normalization = model.attention.normalization
         e = model.config.embedding_dim
         (first, first_activation), *rest = mlp_layers(model.attention.unit)
@@ -186,32 +204,72 @@ class ServingAttention(nn.Module):
         for name, value in as_buffer.items():
             self.register_buffer(name, value.to(torch.float32).contiguous())
         self.rest = fold_stack(rest, scale)
+        dual_possible = self.first_activation.kind == "dice_shifted" and len(self.rest) > 0
+        if strategy == "auto":
+            strategy = "dual" if dual_possible and e + 1 <= DUAL_MAX_CONTRACTION else "operand"
+        elif strategy == "dual" and not dual_possible:
+            strategy = "operand"
+        self.strategy = strategy
+        if strategy == "dual":
+            following = self.rest[0]
+            assert isinstance(following, FoldedDense)
+            # (W diag γ)ᵀ as (H, H2): the next layer's weight rows scaled by γ.
+            hoisted = following.weight.double() * self.first_activation.ratio.double().unsqueeze(1)
+            self.register_buffer("hoisted_weight", hoisted.to(torch.float32).contiguous())
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """query (N, E), keys (L, E), mask (L,) bool -> interest (N, E)."""
         n, e = query.shape
         h = self.hidden
         key_bias = torch.addmm(self.bias, keys, self.key_weight)  # (L, H)
-        if self.pair_strategy == "operand":
+        rest = list(self.rest)
+        if self.strategy == "product":
+            pairs = (query.unsqueeze(1) * keys.unsqueeze(0)).reshape(-1, e)  # (N·L, E)
+            # -1, not L: ONNX Reshape reads a literal 0 as "copy this dimension" (L = 0).
+            x = (pairs @ self.pair_weight).reshape(n, -1, h)  # (N, L, H)
+            x = x + (query @ self.query_weight).unsqueeze(1) + key_bias.unsqueeze(0)
+            x = self.first_activation(x.reshape(-1, h))  # (N·L, H)
+        else:
+            if self.strategy == "dual":
+                key_bias = key_bias - self.first_activation.shift  # the bias row of d = u − c
             # Once per request: K[e, l, h] = k[l, e]·W4[h, e] + (W1 + W3)[h, e], plus the bias row.
             key_side = keys.t().unsqueeze(2) * self.pair_weight.unsqueeze(1)  # (E, L, H)
             key_side = key_side + self.query_weight.unsqueeze(1)  # (E, L, H)
             operand = torch.cat([key_side, key_bias.unsqueeze(0)], dim=0)  # (E+1, L, H)
-            # -1, not L: ONNX Reshape reads a literal 0 as "copy this dimension" (L = 0).
             operand = operand.reshape(e + 1, -1)  # (E+1, L·H)
+            # Once per candidate: q with a constant 1 that picks up the bias row.
             query_ones = torch.cat([query, query.new_ones(n, 1)], dim=1)  # (N, E+1)
-            x = (query_ones @ operand).reshape(-1, h)  # (N·L, H)
-        else:
-            pairs = (query.unsqueeze(1) * keys.unsqueeze(0)).reshape(-1, e)  # (N·L, E)
-            x = (pairs @ self.pair_weight).reshape(n, -1, h)  # (N, L, H)
-            x = x + (query @ self.query_weight).unsqueeze(1) + key_bias.unsqueeze(0)
-            x = x.reshape(-1, h)  # (N·L, H)
-        x = self.first_activation(x)
-        for layer in self.rest:
+            if self.strategy == "dual":
+                x = self._dual(query_ones, operand, keys.shape[0])  # (N·L, H2)
+                rest = rest[1:]
+            else:
+                # Per pair: one GEMM, the first layer's pre-activation for all N × L pairs.
+                x = self.first_activation((query_ones @ operand).reshape(-1, h))  # (N·L, H)
+        for layer in rest:
             x = layer(x)  # (N·L, ·)
         scores = x.reshape(n, -1)  # (N, L)
         weights = normalize_attention(scores, mask.unsqueeze(0), self.normalization)  # (N, L)
         return weights @ keys  # (N, E)
+
+    def _dual(
+        self, query_ones: torch.Tensor, operand: torch.Tensor, length: int
+    ) -> torch.Tensor:
+        """query_ones (N, E+1), operand (E+1, L·H) of d = u − c -> the SECOND layer's output."""
+        e1 = query_ones.shape[1]
+        h = self.hidden
+        following = self.rest[0]
+        assert isinstance(following, FoldedDense)
+        h2 = following.bias.shape[0]
+        shift = self.first_activation.shift.expand(length, h).reshape(1, -1)  # (1, L·H)
+        p = torch.sigmoid(torch.addmm(shift, query_ones, operand)).reshape(-1, h)  # σ(u) (N·L, H)
+        d = (query_ones @ operand).reshape(-1, h)  # (N·L, H)
+        # Next layer of d ⊙ (p + γ) = W·(d ⊙ p) + (W diag γ)·d + b, and (W diag γ)·d is linear in
+        # the operand: push it through once per request, then one small GEMM per candidate.
+        hoisted = (operand.reshape(-1, h) @ self.hoisted_weight).reshape(e1, -1)  # (E+1, L·H2)
+        bias = following.bias.expand(length, h2).reshape(1, -1)  # (1, L·H2)
+        linear = torch.addmm(bias, query_ones, hoisted).reshape(-1, h2)  # (N·L, H2)
+        out: torch.Tensor = following.activation(torch.addmm(linear, d * p, following.weight))
+        return out
 
 
 class ServingDIN(nn.Module):
@@ -222,7 +280,7 @@ class ServingDIN(nn.Module):
     mlp_bias: torch.Tensor
     first_activation: FoldedActivation
 
-    def __init__(self, model: DIN, pair_strategy: str = "operand") -> None:
+    def __init__(self, model: DIN, strategy: str = "auto") -> None:
         super().__init__()
         config = model.config
         self.config = config
@@ -230,7 +288,7 @@ class ServingDIN(nn.Module):
         self.user_tables = model.user_tables
         self.context_tables = model.context_tables
         self.attention = (
-            ServingAttention(model, pair_strategy) if model.attention is not None else None
+            ServingAttention(model, strategy) if model.attention is not None else None
         )
         # The top MLP's first layer: [interest ‖ query] columns per candidate, the user/context
         # columns once per request (they are the same for every candidate), acting as a bias.

@@ -31,6 +31,7 @@ from model_export.export import (
     category_matrix,
     check_parity,
     export_bundle,
+    export_onnx,
     make_case,
     parity_cases,
     reference_scores,
@@ -73,12 +74,12 @@ def padded(feeds: dict[str, np.ndarray], extra: int) -> dict[str, np.ndarray]:
     ],
     ids=["paper", "softmax", "basemodel", "deepctr", "seed", "prelu"],
 )
-@pytest.mark.parametrize("pair_strategy", ["operand", "product"])
+@pytest.mark.parametrize("strategy", ["operand", "dual", "product"])
 def test_serving_module_matches_din(
-    make_tiny_checkpoint: Any, variant: dict[str, Any], pair_strategy: str
+    make_tiny_checkpoint: Any, variant: dict[str, Any], strategy: str
 ) -> None:
     ckpt = make_tiny_checkpoint(seed=3, **variant)
-    serving = ServingDIN(ckpt.model, pair_strategy).eval()
+    serving = ServingDIN(ckpt.model, strategy).eval()
     rng = np.random.default_rng(0)
     for length, n in [(0, 1), (0, 6), (1, 1), (7, 5), (20, 9)]:
         feeds = make_case(ckpt.model, rng, length, n, categories=category_matrix(ckpt))
@@ -86,6 +87,16 @@ def test_serving_module_matches_din(
             got = serving(*(torch.from_numpy(v) for v in feeds.values())).numpy()
         assert got.shape == (n,)
         np.testing.assert_allclose(got, reference_scores(ckpt.model, feeds), rtol=0, atol=1e-6)
+
+
+def test_auto_strategy_follows_the_embedding_width(make_tiny_checkpoint: Any) -> None:
+    """Short contraction (E + 1 <= 32): two GEMMs beat the element-wise passes; long: one GEMM."""
+    small = make_tiny_checkpoint(seed=3)  # E = 16
+    wide = make_tiny_checkpoint(seed=3, item_dim=32, category_dim=32)  # E = 64
+    relu = make_tiny_checkpoint(seed=3, attention_activation="relu")  # no Dice to split
+    assert ServingDIN(small.model).attention.strategy == "dual"  # type: ignore[union-attr]
+    assert ServingDIN(wide.model).attention.strategy == "operand"  # type: ignore[union-attr]
+    assert ServingDIN(relu.model, "dual").attention.strategy == "operand"  # type: ignore[union-attr]
 
 
 def test_serving_module_has_no_parameters_of_its_own(tiny_checkpoint: Checkpoint) -> None:
@@ -121,6 +132,16 @@ def test_exported_graph_matches_pytorch(
     )
     worst = {r.name: r.max_abs_diff for r in results}
     assert all(d <= TOLERANCE for d in worst.values()), worst
+
+
+@pytest.mark.parametrize("strategy", ["operand", "dual", "product"])
+def test_every_strategy_exports_with_parity(
+    tiny_checkpoint: Checkpoint, tmp_path: Path, strategy: str
+) -> None:
+    path = tmp_path / "model.onnx"
+    export_onnx(tiny_checkpoint.model, path, strategy=strategy)
+    results = check_parity(path, tiny_checkpoint.model, parity_cases(tiny_checkpoint, seed=8))
+    assert max(r.max_abs_diff for r in results) <= TOLERANCE
 
 
 def test_serving_graph_is_decomposed_and_folded(

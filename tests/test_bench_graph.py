@@ -1,0 +1,64 @@
+"""bench/graph.py: the FLOP counter and `dinserve bench` end to end (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.graph import matmul_flops
+from dinserve.cli import main
+from model_export.checkpoint import Checkpoint
+from model_export.export import export_onnx, make_case
+
+
+def test_matmul_flops_counts_what_the_graph_multiplies(
+    tiny_checkpoint: Checkpoint, tmp_path: Path
+) -> None:
+    """E = 16, attention 16 -> 8, MLP 32 -> 16, 4 + 4 feature dims; N = 7, L = 5, one GEMM."""
+    import numpy as np
+
+    path = tmp_path / "operand.onnx"
+    export_onnx(tiny_checkpoint.model, path, strategy="operand")
+    feeds = make_case(tiny_checkpoint.model, np.random.default_rng(0), length=5, n=7)
+    n, length, e = 7, 5, 16
+    expected = (
+        2 * n * (e + 1) * length * 16  # [q ‖ 1] @ K: the decomposed first attention layer
+        + 2 * length * e * 16  # the key term, once per behaviour
+        + 2 * n * length * 16 * 8  # attention 16 -> 8
+        + 2 * n * length * 8  # attention head
+        + 2 * n * length * e  # weights @ keys
+        + 2 * n * 2 * e * 32  # MLP first layer, candidate columns
+        + 2 * 1 * 8 * 32  # MLP first layer, user/context columns once per request
+        + 2 * n * 32 * 16  # MLP 32 -> 16
+        + 2 * n * 16  # MLP head
+    )
+    assert matmul_flops(path, feeds) == expected
+
+
+def test_bench_command_reports_every_variant(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "--workload", "W2", "--threads", "1", "--repeats", "2", "--warmup", "0",
+        "--items", "500", "--categories", "50", "--no-torch", "--out", str(out),
+    ])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["machine"]["onnxruntime"] and report["settings"]["repeats"] == 2
+    (result,) = report["results"]
+    assert result["workload"] == "W2" and result["candidates"] == 500
+    assert result["history_length"] == 50 and result["intra_op_threads"] == 1
+    assert result["serving_strategy"] == "dual"  # E + 1 = 17: two short GEMMs
+    assert set(result["variants"]) == {
+        "serving", "naive", "serving_operand", "serving_product", "roofline_matmul",
+    }
+    for stats in result["variants"].values():
+        assert stats["calls"] == 2 and 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p99_ms"]
+    assert set(result["max_abs_diff_vs_pytorch_din"]) == {
+        "serving", "naive", "serving_operand", "serving_product",
+    }
+    assert max(result["max_abs_diff_vs_pytorch_din"].values()) <= 1e-5
+    assert result["ratios_of_medians"]["naive/serving"] > 0
+    # Useful work: the cheapest serving variant's MatMul FLOPs ("dual" repeats a GEMM on purpose).
+    serving_mflops = [v["mflops"] for k, v in result["variants"].items() if k.startswith("serving")]
+    assert result["useful_mflops"] == min(serving_mflops) < result["variants"]["serving"]["mflops"]
+    assert 0 < result["roofline"]["fraction_of_matmul_throughput"]
