@@ -495,6 +495,8 @@ def export_bundle(
     model_dir = Path(models_dir) / name
     if version is not None and (model_dir / version).exists():
         raise ExportError(f"{model_dir / version} already exists; pick another --version")
+    # Directories this call creates, removed again if it fails: a refused export writes nothing.
+    created = [d for d in (model_dir, *model_dir.parents) if not d.exists()]
     model_dir.mkdir(parents=True, exist_ok=True)
     # A hidden, non-numeric name inside model_dir: same filesystem (the final rename is atomic)
     # and invisible to readers, which only consider positive-integer directories.
@@ -528,6 +530,11 @@ def export_bundle(
         staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for directory in created:  # deepest first
+            try:
+                directory.rmdir()
+            except OSError:
+                break
         raise
     return target
 

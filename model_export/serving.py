@@ -41,7 +41,7 @@ class FoldedActivation(nn.Module):
     """A DIN activation applied along the last dimension, Dice folded for inference.
 
     Dice(s) = p·s + (1 − p)·α·s = s·(α + β·σ(a·s + c)), β = 1 − α, at running statistics:
-    - "dice": exactly that, five element-wise ops after the Linear;
+    - "dice": exactly that, six element-wise ops after the Linear;
     - "dice_shifted": the preceding Linear already outputs u = a·s + c (a and c folded into its
       weights), and this computes (u − c)·(σ(u) + α/β) = (a/β)·Dice(s): four element-wise ops, and
       the per-channel β/a is folded into the NEXT Linear's weights (fold_linear's out_scale).
@@ -157,9 +157,10 @@ def fold_stack(
 
 # Strategies for the per-pair part of the first attention layer (module docstring). "auto" takes
 # "dual" when the first layer's contraction E + 1 is at most this, else "operand". Measured with
-# bench/graph.py's models, interleaved, 1 thread: W2 (E + 1 = 17) dual/operand 0.79; W1
-# (E + 1 = 129) 1.45. A GEMM with a short contraction is bound by writing its output, so a second
-# one costs less than the three element-wise passes it removes; a long one is bound by arithmetic.
+# `dinserve bench` (interleaved, 1 thread, shared 2-core machine): W2 (E + 1 = 17) dual takes
+# 0.79-0.97x the time of operand, W1 (E + 1 = 129) 1.45-1.57x. A GEMM with a short contraction is
+# bound by writing its output, so a second one costs less than the three element-wise passes it
+# removes; a long one is bound by arithmetic.
 DUAL_MAX_CONTRACTION = 32
 STRATEGIES = ("auto", "operand", "dual", "product")
 
