@@ -102,7 +102,11 @@ class HistoryStore:
             raise HistoryUnavailable(
                 f"Redis did not answer within {self.deadline_seconds * 1000:g} ms", reason="timeout"
             ) from exc
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, RuntimeError) as exc:
+            # RuntimeError: under uvloop, writing to a connection Redis has just reset raises
+            # "unable to perform operation on <TCPTransport closed=True>" instead of an OSError
+            # (MagicStack/uvloop#506); redis-py drops that connection, and this request degrades.
+            # Found by tests/test_faults.py (network resets every connection).
             raise HistoryUnavailable(
                 f"Redis unavailable: {type(exc).__name__}", reason="connection"
             ) from exc
@@ -113,7 +117,7 @@ class HistoryStore:
         try:
             async with asyncio.timeout(max(self.deadline_seconds, 0.25)):
                 return bool(await self.client.ping())
-        except (TimeoutError, RedisError, OSError):
+        except (TimeoutError, RedisError, OSError, RuntimeError):  # RuntimeError: see fetch()
             return False
 
 
