@@ -323,9 +323,69 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(handler="bench.graph:run")
 
 
+def _add_soak(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "soak",
+        help="run the service under steady load for a long time; report errors, p99 drift, RSS",
+        description=(
+            "Start the service (`python -m service` on a free loopback port), find its saturation "
+            "throughput with the load tester unless --rate is given, then offer --fraction of it "
+            "for --duration seconds in --window second windows while sampling the service's RSS. "
+            "Writes report.json (per-window p50/p99/errors/RSS; errors, p99 drift and RSS growth "
+            "overall) into --out. Exit 0 when there was no error and RSS grew less than "
+            "--max-rss-growth percent, 1 otherwise, 2 when the service did not start. See "
+            "docs/reliability.md."
+        ),
+    )
+    p.add_argument("--model-dir", required=True, help="bundle directory or models root to serve")
+    p.add_argument("--redis-url", default=None,
+                   help="Redis for the service and the seeded histories (default: CTR_REDIS_URL "
+                        "or redis://127.0.0.1:6379/0)")
+    p.add_argument("--prefix", default="soak",
+                   help="the service's key prefix; histories are seeded under it "
+                        "(default: %(default)s)")
+    p.add_argument("--rate", type=float, default=None,
+                   help="requests per second; default: --fraction x the measured saturation")
+    p.add_argument("--fraction", type=float, default=0.7,
+                   help="fraction of saturation to offer when --rate is not given "
+                        "(default: %(default)s)")
+    p.add_argument("--duration", type=float, default=600.0,
+                   help="seconds of recorded load (default: %(default)s)")
+    p.add_argument("--window", type=float, default=30.0,
+                   help="seconds per reported window (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=10.0,
+                   help="unrecorded seconds of load first (default: %(default)s)")
+    p.add_argument("--users", type=int, default=1000,
+                   help="distinct user ids soak-0..N-1 (default: %(default)s)")
+    p.add_argument("--candidates", type=int, default=200,
+                   help="candidates per request (default: %(default)s)")
+    p.add_argument("--history-length", type=int, default=50,
+                   help="REPLACE each soak user's history with this many random items first; "
+                        "-1 leaves Redis alone (default: %(default)s)")
+    p.add_argument("--max-rss-growth", type=float, default=5.0,
+                   help="pass only if RSS grew less than this percent from the end of the first "
+                        "window (default: %(default)s)")
+    p.add_argument("--rss-interval", type=float, default=1.0,
+                   help="seconds between RSS samples (default: %(default)s)")
+    p.add_argument("--step-duration", type=float, default=4.0,
+                   help="seconds per saturation-search step (default: %(default)s)")
+    p.add_argument("--start-rate", type=float, default=50.0,
+                   help="first saturation-search rate (default: %(default)s)")
+    p.add_argument("--p99-limit-ms", type=float, default=250.0,
+                   help="a saturation step whose p99 exceeds this fails (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds before a request counts as a timeout (default: %(default)s)")
+    p.add_argument("--service-env", action="append", default=[], metavar="CTR_X=VALUE",
+                   help="extra environment for the service, repeatable, e.g. "
+                        "CTR_REDIS_DEADLINE_MS=50")
+    p.add_argument("--out", default=None,
+                   help="report directory (default: reports/soak/<UTC time>)")
+    p.set_defaults(handler="bench.soak:run")
+
+
 BUILDERS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_train, _add_export, _add_serve, _add_history, _add_demo, _add_openapi, _add_loadtest,
-    _add_bench,
+    _add_bench, _add_soak,
 )
 
 
