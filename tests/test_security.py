@@ -91,6 +91,18 @@ def test_the_token_is_compared_in_constant_time() -> None:
     assert readers == ["routes.py"]
 
 
+def test_random_paths_and_ids_create_no_metric_series(app_settings: dict[str, object]) -> None:
+    with TestClient(create_app(Settings(**app_settings))) as client:  # type: ignore[arg-type]
+        before = client.get("/metrics").text.count("\n")
+        for i in range(200):
+            client.get(f"/probe-{i}/{'x' * (i % 50)}")
+            client.post("/score", json={"user_id": f"user-{i}", "candidates": [{"item_id": i}]})
+        text = client.get("/metrics").text
+    assert "probe-" not in text and "user-" not in text
+    # One new series per (route, status) pair and histogram bucket at most, not one per request.
+    assert text.count("\n") - before < 150
+
+
 # ----------------------------------------------------------------------------------------------
 # Redis credentials and TLS
 
