@@ -81,6 +81,10 @@ def run_cli(args: argparse.Namespace) -> int:
         # SIGTERM: stop accepting, let requests in flight finish (at most this long), then the
         # lifespan shutdown. docs/reliability.md, tests/test_faults.py.
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_seconds),
+        # uvicorn's 5 s default closes idle connections that a caller's pool still holds: a
+        # request sent on one as it closes is reset (the keep-alive race; bench/soak.py saw
+        # 20 such resets in 10 minutes). The side that closes first should be the caller.
+        timeout_keep_alive=math.ceil(settings.keep_alive_seconds),
     )
     server = uvicorn.Server(config)
     # uvicorn re-raises the signal it handled once its graceful shutdown is over; under the

@@ -126,6 +126,11 @@ class Settings(BaseSettings):
         description="time allowed to receive a request body; a slower client gets 408 and its "
         "connection is closed",
     )
+    keep_alive_seconds: PositiveFloat = Field(
+        default=75.0,
+        description="how long an idle keep-alive connection stays open; keep it above the "
+        "callers' and load balancers' pool idle timeouts, so that they close first",
+    )
     shutdown_timeout_seconds: PositiveFloat = Field(
         default=30.0,
         description="on SIGTERM, how long requests in flight may take to finish before they are "
