@@ -268,6 +268,16 @@ def test_compose_service_port_and_healthcheck(compose: dict) -> None:
         "CTR_REDIS_PREFIX"]
 
 
+def test_compose_gives_the_service_time_to_drain(compose: dict) -> None:
+    """Docker SIGKILLs after stop_grace_period; the service drains for shutdown_timeout_seconds."""
+    from service.config import Settings
+
+    grace = compose["services"]["service"]["stop_grace_period"]
+    assert grace.endswith("s")
+    drain = Settings.model_fields["shutdown_timeout_seconds"].default
+    assert float(grace[:-1]) > drain
+
+
 # -- the health-check one-liners work ----------------------------------------------------------
 
 
