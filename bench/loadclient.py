@@ -122,6 +122,9 @@ class PhaseResult:
     queued_at_cap: int = 0
     first_queued_at_s: float | None = None
     max_waiting: int = 0
+    # Requests resent because the server closed their reused keep-alive connection before
+    # reading them (an idle-timeout race); their latency still runs from the scheduled time.
+    stale_retries: int = 0
     connections_opened: int = 0
     peak_connections: int = 0
     degraded: int = 0
@@ -194,7 +197,8 @@ class OpenLoopClient:
     """
 
     def __init__(self, target: Target, payloads: Sequence[bytes], *, max_connections: int,
-                 initial_connections: int, timeout: float, tick: float = 0.001) -> None:
+                 initial_connections: int, timeout: float, tick: float = 0.001,
+                 idle_timeout: float = 4.0) -> None:
         if not payloads:
             raise ValueError("at least one payload is needed")
         if max_connections < 1 or initial_connections < 0 or timeout <= 0:
@@ -205,6 +209,7 @@ class OpenLoopClient:
         self.initial_connections = min(initial_connections, max_connections)
         self.timeout = timeout
         self.tick = max(tick, 0.0)
+        self.idle_timeout = idle_timeout
         self.sweep = min(0.05, timeout / 4)
         self.loop = asyncio.get_running_loop()
         self._ssl = ssl.create_default_context() if target.scheme == "https" else None
@@ -261,6 +266,7 @@ class OpenLoopClient:
         while waiting:
             if self._send(conn, waiting.popleft()):
                 return
+        conn.idle_since = perf_counter()
         self._idle.append(conn)
 
     def on_lost(self, conn: HttpConnection) -> None:
@@ -298,6 +304,11 @@ class OpenLoopClient:
             for conn in list(self._conns):
                 if conn.job is not None and conn.deadline <= now:
                     conn.expire()
+            # Close connections idle for longer than the server would keep them (uvicorn: 5 s),
+            # before it closes them under us; idle is LIFO, so the oldest sit at the front.
+            idle = self._idle
+            while idle and now - idle[0].idle_since > self.idle_timeout:
+                idle.pop(0).drop()
             while waiting and waiting[0][1] + self.timeout <= now:
                 self.on_failure(waiting.popleft(), "timeout")
 
@@ -336,6 +347,13 @@ class OpenLoopClient:
                 phase.history_lengths[doc["history_length"]] += 1
             if "model_version" in doc:
                 phase.model_versions[str(doc["model_version"])] += 1
+
+    def on_stale(self, job: Job) -> None:
+        """Resend a request whose reused connection was closed before it was read (counted)."""
+        if self._phase is not None:
+            self._phase.stale_retries += 1
+        self._waiting.appendleft(job)
+        self._pump()
 
     def on_failure(self, job: Job, reason: str) -> None:
         phase = self._phase

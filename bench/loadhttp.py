@@ -25,6 +25,8 @@ class ConnectionOwner(Protocol):
 
     def on_failure(self, job: Job, reason: str) -> None: ...
 
+    def on_stale(self, job: Job) -> None: ...
+
     def on_lost(self, conn: HttpConnection) -> None: ...
 
 
@@ -71,8 +73,8 @@ class HttpConnection(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection carrying one request at a time."""
 
     __slots__ = (
-        "_pool", "transport", "closed", "job", "deadline", "_sent_at", "_buf", "_head_end",
-        "_status", "_need", "_chunked", "_until_close", "_close_after",
+        "_pool", "transport", "closed", "job", "deadline", "served", "idle_since", "_sent_at",
+        "_buf", "_head_end", "_status", "_need", "_chunked", "_until_close", "_close_after",
     )
 
     def __init__(self, pool: ConnectionOwner) -> None:
@@ -81,6 +83,8 @@ class HttpConnection(asyncio.Protocol):
         self.closed = False
         self.job: Job | None = None
         self.deadline = 0.0
+        self.served = 0  # answers received on this connection
+        self.idle_since = 0.0
         self._sent_at = 0.0
         self._buf = bytearray()
         self._reset_parser()
@@ -160,6 +164,7 @@ class HttpConnection(asyncio.Protocol):
         job = self.job
         assert job is not None
         self.job = None
+        self.served += 1
         if self._close_after:
             self.drop()
         self._pool.on_answer(self, job, self._sent_at, status, body)
@@ -185,6 +190,11 @@ class HttpConnection(asyncio.Protocol):
         if job is not None:
             if self._until_close and self._head_end >= 0:
                 self._complete(self._status, bytes(self._buf[self._head_end:]))
+            elif self.served > 0 and not self._buf:
+                # A reused keep-alive connection the server closed as we wrote to it (its idle
+                # timeout raced our request): nothing was processed, so the owner may resend.
+                self.job = None
+                self._pool.on_stale(job)
             else:
                 self.job = None
                 reason = type(exc).__name__ if exc is not None else "closed by server"

@@ -55,6 +55,7 @@ def phase_to_dict(phase: PhaseResult) -> dict[str, Any]:
             "queued_at_cap": phase.queued_at_cap,
             "first_queued_at_s": phase.first_queued_at_s,
             "max_waiting": phase.max_waiting,
+            "stale_retries": phase.stale_retries,
         },
         "responses": {
             "degraded": phase.degraded,
@@ -134,7 +135,11 @@ def draw_picture(phases: Sequence[PhaseResult], path: Path, *, title: str,
 
     rows = 3 if saturation else 2
     fig, axes = plt.subplots(rows, 1, figsize=(11, 4.2 * rows), constrained_layout=True)
-    colors = plt.get_cmap("tab10")
+    palette = 10 if len(phases) <= 10 else 20
+    cmap = plt.get_cmap(f"tab{palette}")
+
+    def colors(i: int) -> Any:
+        return cmap(i % palette)
 
     ax = axes[0]
     t0 = min((p.start_time for p in phases), default=0.0)
@@ -153,7 +158,7 @@ def draw_picture(phases: Sequence[PhaseResult], path: Path, *, title: str,
             else:
                 bad_x.append(x)
                 bad_y.append(y)
-        ax.scatter(ok_x, ok_y, s=3, color=colors(i % 10), alpha=0.6, linewidths=0,
+        ax.scatter(ok_x, ok_y, s=3, color=colors(i), alpha=0.6, linewidths=0,
                    label=f"{phase.name} ({phase.offered_rps:.0f}/s)" if len(phases) <= 12 else None)
         if bad_x:
             ax.scatter(bad_x, bad_y, s=10, marker="x", color="red", linewidths=0.8,
@@ -174,11 +179,11 @@ def draw_picture(phases: Sequence[PhaseResult], path: Path, *, title: str,
         if phase not in curve_phases:
             continue
         xs, ys = _curve(phase)
-        ax.plot(xs, ys, color=colors(i % 10), linewidth=1.4,
+        ax.plot(xs, ys, color=colors(i), linewidth=1.4,
                 label=f"{phase.name} ({phase.offered_rps:.0f}/s)")
         if len(curve_phases) <= 2:
             xs, ys = _curve(phase, service=True)
-            ax.plot(xs, ys, color=colors(i % 10), linewidth=1.0, linestyle="--",
+            ax.plot(xs, ys, color=colors(i), linewidth=1.0, linestyle="--",
                     label=f"{phase.name}: from actual send (closed-loop view)")
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -71,6 +71,7 @@ class LoadSettings:
     max_connections: int = 256
     timeout: float = 5.0
     tick_ms: float = 1.0
+    idle_timeout: float = 4.0
     seed: int = 0
     find_saturation: bool = False
     start_rate: float = 50.0
@@ -205,7 +206,7 @@ async def measure(settings: LoadSettings, bodies: Sequence[bytes]) -> LoadRun:
     target = Target.parse(settings.url)
     client = OpenLoopClient(target, bodies, max_connections=settings.max_connections,
                             initial_connections=settings.connections, timeout=settings.timeout,
-                            tick=settings.tick_ms / 1000.0)
+                            tick=settings.tick_ms / 1000.0, idle_timeout=settings.idle_timeout)
     result = LoadRun(target=target.url)
     salt = 0
 
@@ -265,6 +266,7 @@ def settings_from_args(args: argparse.Namespace, url: str) -> LoadSettings:
         url=url, rate=args.rate, duration=args.duration, max_requests=args.max_requests,
         arrival=args.arrival, warmup=args.warmup, connections=args.connections,
         max_connections=args.max_connections, timeout=args.timeout, tick_ms=args.tick_ms,
+        idle_timeout=args.idle_timeout,
         seed=args.seed,
         find_saturation=args.find_saturation, start_rate=args.start_rate,
         step_factor=args.step_factor, step_duration=args.step_duration, max_rate=args.max_rate,

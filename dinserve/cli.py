@@ -211,6 +211,9 @@ def _add_loadtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--timeout", type=float, default=5.0,
                    help="seconds from a request's scheduled send until it counts as a timeout "
                         "(default: %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=4.0,
+                   help="close keep-alive connections idle this long, before the server does "
+                        "(uvicorn closes them after 5 s) (default: %(default)s)")
     p.add_argument("--tick-ms", type=float, default=1.0,
                    help="the sender wakes at most this often and sends what is due; the wait is "
                         "counted in latency and reported as dispatch_lag. 0 sends on time but "

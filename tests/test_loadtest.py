@@ -220,6 +220,59 @@ def test_pool_cap_makes_requests_queue_and_says_so(server: LiveServer) -> None:
     assert phase.queued_at_cap > 0 and phase.first_queued_at_s is not None
 
 
+class _OneAnswerPerConnection(asyncio.Protocol):
+    """Answers the first request of a connection; on the second, closes without a byte."""
+
+    def __init__(self) -> None:
+        self.answered = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.answered:
+            self.transport.abort()
+            return
+        self.answered = True
+        body = orjson.dumps(SCORE)
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: " + str(len(body)).encode()
+                             + b"\r\n\r\n" + body)
+
+
+@pytest.fixture
+def one_answer_server() -> Iterator[str]:
+    """A raw server that drops every reused keep-alive connection, as an idle-timeout race does."""
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(
+        loop.create_server(_OneAnswerPerConnection, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}/score"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        server.close()
+        loop.run_until_complete(server.wait_closed())
+        loop.close()
+
+
+def test_reused_connection_closed_before_reading_is_resent(one_answer_server: str) -> None:
+    phase = load(replace(QUICK, url=one_answer_server, rate=50, duration=0.4, connections=1))
+    assert phase.ok == phase.scheduled == 20 and not phase.errors
+    assert phase.stale_retries > 0
+
+
+def test_idle_connections_are_closed_before_the_server_does(server: LiveServer) -> None:
+    phase = load(replace(QUICK, url=f"{server.base}/score", rate=2, duration=1.5, connections=1,
+                         idle_timeout=0.2))
+    assert phase.ok == 3
+    assert phase.connections_opened >= 2  # the connection idle for 0.5 s was closed and reopened
+
+
 def test_chunked_responses_are_parsed(server: LiveServer) -> None:
     phase = load(replace(QUICK, url=f"{server.base}/chunked", rate=50, duration=0.5))
     assert phase.ok == 25 and not phase.errors
