@@ -217,8 +217,13 @@ async def measure(settings: LoadSettings, bodies: Sequence[bytes]) -> LoadRun:
                                        record=record)
         if record:
             result.phases.append(phase)
-        if settings.pause > 0:
-            await asyncio.sleep(settings.pause)
+        # Let the target drain before the next phase: after an overloaded phase it may still hold
+        # up to its slowest answer's worth of queued work (and the requests we timed out), which
+        # would otherwise land on the next phase's first seconds.
+        slowest = max(phase.latencies_ms, default=0.0) / 1000.0
+        drain = max(settings.pause, min(slowest, settings.timeout))
+        if drain > 0:
+            await asyncio.sleep(drain)
         return phase
 
     try:

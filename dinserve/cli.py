@@ -272,7 +272,8 @@ def _add_loadtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     s.add_argument("--fraction-duration", type=float, default=10.0,
                    help="seconds per fraction phase (default: %(default)s)")
     s.add_argument("--pause", type=float, default=1.0,
-                   help="seconds between phases, for the target to drain (default: %(default)s)")
+                   help="seconds between phases, for the target to drain; longer after a phase "
+                        "whose slowest answer took longer, up to --timeout (default: %(default)s)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None,
                    help="report directory (default: reports/loadtest/<UTC time>)")
