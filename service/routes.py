@@ -85,11 +85,33 @@ def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
     return resolve(schema)  # type: ignore[no-any-return]
 
 
+# Examples shown in /docs and docs/openapi.json (tests/test_docs.py sends each one to the app).
+_SCORE_EXAMPLES: dict[str, Any] = {
+    "movielens": {
+        "summary": "a MovieLens user and five movies, as `make demo` prints it",
+        "value": {"user_id": "1", "candidates": [
+            {"item_id": "318"}, {"item_id": "589"}, {"item_id": "150"}, {"item_id": "4993"},
+            {"item_id": "858"}]},
+    },
+    "categories_and_context": {
+        "summary": "candidates with their own categories, and request-context features",
+        "value": {"user_id": "u17", "candidates": [
+            {"item_id": "B00X4", "category": ["shoes", "sale"]}, {"item_id": 1042}],
+            "context": {"device": "mobile"}},
+    },
+}
 _SCORE_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": _inline_defs(ScoreRequest.model_json_schema())}},
+        "content": {"application/json": {
+            "schema": _inline_defs(ScoreRequest.model_json_schema()),
+            "examples": _SCORE_EXAMPLES,
+        }},
     },
+    "responses": {"200": {"content": {"application/json": {"example": {
+        "model_version": "1", "scores": [0.969, 0.874, 0.874, 0.939, 0.951],
+        "history_length": 50, "degraded": False,
+    }}}}},
 }
 
 

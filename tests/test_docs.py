@@ -4,6 +4,7 @@ metric and setting names the docs mention exist.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from dinserve.openapi import build_schema, render
 from service.config import Settings
 from service.metrics import Metrics
+from service.schemas import ScoreResponse, parse_score_request
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = sorted((ROOT / "docs").glob("*.md"))
@@ -28,6 +30,19 @@ def test_openapi_documents_the_routes() -> None:
     paths = build_schema()["paths"]
     for route in ("/score", "/healthz", "/readyz", "/model", "/metrics"):
         assert route in paths
+
+
+def test_score_examples_are_valid_requests_and_responses() -> None:
+    operation = build_schema()["paths"]["/score"]["post"]
+    examples = operation["requestBody"]["content"]["application/json"]["examples"]
+    assert examples
+    defaults = Settings.model_construct()
+    for name, example in examples.items():
+        body = json.dumps(example["value"]).encode()
+        request = parse_score_request(body, defaults.max_candidates, defaults.max_user_id_length)
+        assert request.candidates, name
+    answer = operation["responses"]["200"]["content"]["application/json"]["example"]
+    ScoreResponse.model_validate(answer)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
