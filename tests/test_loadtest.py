@@ -212,6 +212,18 @@ def test_refused_connections_are_counted_per_request() -> None:
     assert all(reason.startswith("connect: ") for reason in phase.errors)
 
 
+def test_cli_exits_non_zero_when_nothing_succeeded(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = cli_main(["loadtest", "--url", f"http://127.0.0.1:{port}/score", "--rate", "20",
+                     "--duration", "0.5", "--warmup", "0", "--pause", "0", "--candidates", "2",
+                     "--no-picture", "--out", str(tmp_path)])
+    assert code == 1
+    report = orjson.loads((tmp_path / "report.json").read_bytes())
+    assert report["phases"][0]["ok"] == 0 and report["picture"] is None
+
+
 def test_pool_cap_makes_requests_queue_and_says_so(server: LiveServer) -> None:
     phase = load(replace(QUICK, url=f"{server.base}/slow", rate=100, duration=0.5,
                          max_connections=2))
