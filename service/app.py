@@ -24,7 +24,7 @@ from service.history import HistoryStore, open_client
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestTiming
 from service.model import CTRModel
-from service.overload import AdmissionControl
+from service.overload import GATED_ROUTES, AdmissionControl
 from service.reload import ModelHolder
 from service.routes import router
 
@@ -109,6 +109,10 @@ def create_app(settings: Settings | None = None, *, model: CTRModel | None = Non
         max_queued=settings.max_queued,
         queue_timeout_seconds=settings.queue_timeout_ms / 1000.0,
         body_timeout_seconds=settings.body_timeout_ms / 1000.0,
+        # /bench/noop goes through the same gate as /score, so that a comparison of the two
+        # differs only by what /score does beyond parsing.
+        routes=GATED_ROUTES | {("POST", "/bench/noop")} if settings.bench_endpoints
+        else GATED_ROUTES,
     )
     app.add_middleware(RequestTiming, metrics=metrics)
     return app

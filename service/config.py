@@ -137,6 +137,13 @@ class Settings(BaseSettings):
         "cancelled",
     )
 
+    # Benchmarking (docs/performance.md)
+    bench_endpoints: bool = Field(
+        default=False,
+        description="serve POST /bench/noop: /score's parsing and limits without Redis or "
+        "inference, the reference for measuring the request path",
+    )
+
     # HTTP server
     host: str = Field(default="127.0.0.1", description="address uvicorn binds")
     port: int = Field(

@@ -12,6 +12,7 @@ import hmac
 import time
 from typing import Annotated, Any
 
+import numpy as np
 import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
@@ -133,15 +134,7 @@ async def score(
     metrics: MetricsDep,
 ) -> Response:
     """Score N candidates for one user against the user's Redis history; scores in request order."""
-    content_type = request.headers.get("content-type", "application/json")
-    media = content_type.split(";", 1)[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"content-type: expected application/json, got {media or 'nothing'}",
-            field="content-type",
-        )
-    body = await request.body()
-    req = parse_score_request(body, settings.max_candidates, settings.max_user_id_length)
+    req = await read_score_request(request, settings)
     model = holder.model  # pinned: a reload during this request does not affect it
     space = model.space
 
@@ -176,6 +169,43 @@ async def score(
             "scores": scores,
             "history_length": history_length,
             "degraded": degraded,
+        }
+    )
+
+
+async def read_score_request(request: Request, settings: Settings) -> ScoreRequest:
+    """The content-type check, the body and its validation: shared by /score and /bench/noop."""
+    content_type = request.headers.get("content-type", "application/json")
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"content-type: expected application/json, got {media or 'nothing'}",
+            field="content-type",
+        )
+    body = await request.body()
+    return parse_score_request(body, settings.max_candidates, settings.max_user_id_length)
+
+
+@router.post(
+    "/bench/noop",
+    include_in_schema=False,  # off in production: not part of the public API (docs/openapi.json)
+)
+async def bench_noop(request: Request, settings: SettingsDep, holder: HolderDep) -> Response:
+    """/score without Redis or inference: same parsing and limits, same-shaped answer (zeros).
+
+    The reference for issue 5's small-request line (docs/performance.md): what a request costs
+    the service when only HTTP, validation and the JSON answer remain. Off unless
+    CTR_BENCH_ENDPOINTS=true.
+    """
+    if not settings.bench_endpoints:
+        raise NotFound("bench endpoints are off: set CTR_BENCH_ENDPOINTS=true to enable them")
+    req = await read_score_request(request, settings)
+    return json_response(
+        {
+            "model_version": holder.model.version,
+            "scores": np.zeros(len(req.candidates), dtype=np.float32),
+            "history_length": 0,
+            "degraded": False,
         }
     )
 
