@@ -66,6 +66,17 @@ class Settings(BaseSettings):
     ort_inter_op_threads: int = Field(
         default=1, ge=0, description="threads across operators (0 = default)"
     )
+    ort_allow_spinning: bool = Field(
+        default=False,
+        description="let idle intra-op worker threads spin waiting for work (only matters with "
+        "more than one intra-op thread)",
+    )
+    inline_inference_pairs: int = Field(
+        default=1000,
+        ge=0,
+        description="a graph call of at most this many candidate x history pairs runs on the "
+        "event loop instead of the threadpool (0 = always the threadpool)",
+    )
     ort_graph_optimization: GraphOptimization = Field(
         default="all", description="onnxruntime graph optimisation level"
     )

@@ -199,8 +199,18 @@ class CTRModel:
             )
         return result
 
-    async def score(self, feeds: dict[str, Int64Array]) -> NDArray[np.float32]:
-        """predict() in the threadpool, so the event loop keeps serving while onnxruntime runs."""
+    async def score(
+        self, feeds: dict[str, Int64Array], inline_pairs: int = 0
+    ) -> NDArray[np.float32]:
+        """predict() in the threadpool, so the event loop keeps serving while onnxruntime runs.
+
+        A call of at most `inline_pairs` candidate x history pairs runs on the event loop
+        instead: the hop to a worker thread and back (~0.15-0.5 ms on this machine) costs as
+        much as the graph itself for such a call (10 x 50: ~1 ms). docs/performance.md.
+        """
+        pairs = feeds["candidate_items"].shape[0] * max(feeds["history_items"].shape[0], 1)
+        if pairs <= inline_pairs:
+            return self.predict(feeds)
         return await anyio.to_thread.run_sync(self.predict, feeds)
 
     def _run_golden(self) -> SelfCheck:
@@ -303,6 +313,11 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     options.inter_op_num_threads = settings.ort_inter_op_threads
     options.graph_optimization_level = GRAPH_LEVELS[settings.ort_graph_optimization]
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Spinning workers burn a core between calls; on 2 shared cores that core is the event
+    # loop's or a neighbour's (measured in docs/performance.md, "Threads and overload defaults").
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "1" if settings.ort_allow_spinning else "0"
+    )
     options.log_severity_level = 3  # errors only; warnings about unused initialisers are noise
     return options
 

@@ -154,7 +154,7 @@ async def score(
 
     feeds = build_inputs(req, history, space)
     built = time.perf_counter()
-    scores = await model.score(feeds)
+    scores = await model.score(feeds, settings.inline_inference_pairs)
     done = time.perf_counter()
 
     metrics.stage_seconds.labels("history").observe(fetched - start)
