@@ -119,7 +119,10 @@ class Settings(BaseSettings):
     # Overload and slow clients (service/overload.py; docs/reliability.md). Only POST /score is
     # gated: probes, /metrics and /model answer even when scoring is saturated.
     max_in_flight: PositiveInt = Field(
-        default=32,
+        # 2 x the cores of the reference machine: enough to overlap one request's Redis wait and
+        # parsing with another's inference, while past saturation the in-flight work stays
+        # ~50 ms per core instead of ~0.5 s with 32 (docs/performance.md).
+        default=4,
         description="POST /score requests processed at once; more wait in the admission queue",
     )
     max_queued: int = Field(
