@@ -14,6 +14,8 @@ Model bundles (session scope, real files exported by model_export.export, < 2 s 
 - tiny_bundle: models/din-paper/1 exported from tiny_checkpoint, with model_naive.onnx too.
 - plain_bundle: models/din-plain/1 from a checkpoint of the same shape WITHOUT user/context
   features (no user_features/context_features inputs).
+- serve: starts real `python -m service` processes (uvicorn on a free loopback port), stops
+  them after the test.
 - make_tiny_checkpoint: factory, make_tiny_checkpoint(seed=0, features=True, **DINConfig fields)
   -> Checkpoint, for variants (softmax attention, BaseModel, other sizes).
 Torch is imported inside these fixtures only, so tests that do not use them never load it.
@@ -32,6 +34,7 @@ from typing import Any
 
 import pytest
 import redis
+from service_helpers import ServiceProcess
 
 from dinserve import processes
 from dinserve.redis_server import LocalRedis, answers, find_redis_server
@@ -211,3 +214,25 @@ def plain_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     ckpt = build_tiny_checkpoint(seed=1, features=False)
     return export_bundle(ckpt, tmp_path_factory.mktemp("models"), name="din-plain")
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start real `python -m service` processes (quiet, no reload polling); all stopped at the end.
+
+    serve(model_dir, redis_url, **settings) -> a started ServiceProcess; settings are Settings
+    field names (without the CTR_ prefix) and win over the defaults here.
+    """
+    started: list[ServiceProcess] = []
+
+    def start(model_dir: Path, redis_url: str, **overrides: Any) -> ServiceProcess:
+        settings = {"reload_poll_seconds": "0", "warmup_runs": "1", "access_log": "false",
+                    **overrides}
+        env = {k: str(v) for k, v in settings.items()}
+        service = ServiceProcess(model_dir, redis_url, tmp_path / f"svc-{len(started)}.log", **env)
+        started.append(service)
+        return service.start()
+
+    yield start
+    for service in started:
+        service.stop()

@@ -108,20 +108,14 @@ def fault_redis() -> Iterator[FaultRedis]:
 
 
 @pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
-    started: list[ServiceProcess] = []
+def serve(serve: Callable[..., ServiceProcess]) -> Callable[..., ServiceProcess]:
+    """The shared `serve` (conftest.py), with this module's Redis deadline and key prefix."""
 
     def start(model_dir: Path, redis_url: str, **overrides: Any) -> ServiceProcess:
-        settings = {"reload_poll_seconds": "0", "warmup_runs": "1", "access_log": "false",
-                    "redis_deadline_ms": str(DEADLINE_MS), "redis_prefix": "f", **overrides}
-        env = {k: str(v) for k, v in settings.items()}
-        service = ServiceProcess(model_dir, redis_url, tmp_path / f"svc-{len(started)}.log", **env)
-        started.append(service)
-        return service.start()
+        settings = {"redis_deadline_ms": str(DEADLINE_MS), "redis_prefix": "f", **overrides}
+        return serve(model_dir, redis_url, **settings)
 
-    yield start
-    for service in started:
-        service.stop()
+    return start
 
 
 def seed(url: str, bundle: Path, users: int = 20) -> list[bytes]:

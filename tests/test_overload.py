@@ -12,7 +12,7 @@ import asyncio
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -287,21 +287,6 @@ def test_a_client_that_disconnects_while_queued_leaks_no_slot() -> None:
 # Real service under uvicorn
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
-    started: list[ServiceProcess] = []
-
-    def start(model_dir: Path, redis_url: str, **overrides: Any) -> ServiceProcess:
-        settings = {"reload_poll_seconds": "0", "warmup_runs": "1", "access_log": "false",
-                    **overrides}
-        env = {k: str(v) for k, v in settings.items()}
-        service = ServiceProcess(model_dir, redis_url, tmp_path / f"svc-{len(started)}.log", **env)
-        started.append(service)
-        return service.start()
-
-    yield start
-    for service in started:
-        service.stop()
 
 
 def bodies(bundle: Path, users: int, candidates: int) -> list[bytes]:
