@@ -57,9 +57,28 @@ class FitResult:
 
 
 def run(args: argparse.Namespace) -> int:
+    """`dinserve train`; torch's global settings are restored afterwards (tests share a process)."""
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,  # type: ignore[attr-defined]
+    )
+    torch.set_num_threads(TORCH_THREADS)
+    # Every op DIN uses has a deterministic CPU kernel, so this only guards against one sneaking
+    # in. Filling each new tensor with NaN (its debugging companion) cost ~6% of a step: off.
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    try:
+        return train(args)
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1])
+        torch.utils.deterministic.fill_uninitialized_memory = saved[2]  # type: ignore[attr-defined]
+
+
+def train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     seed_everything(args.seed)
-    torch.set_num_threads(TORCH_THREADS)
 
     # -- data ----------------------------------------------------------------------------------
     options = SampleOptions(
@@ -152,10 +171,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    # Every op DIN uses has a deterministic CPU kernel, so this guards against one sneaking in.
-    # Filling every new tensor with NaN (its debugging companion) cost ~6% of a step: off.
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
 
 
 def to_tensors(split: Split) -> Batch:
@@ -181,11 +196,12 @@ def take(data: Batch, rows: torch.Tensor | slice) -> Batch:
 
 def forward(model: DIN, batch: Batch) -> torch.Tensor:
     """(B,) logits."""
-    return model(
+    logits: torch.Tensor = model(
         batch["history_items"], batch["history_categories"],
         batch["candidate_items"], batch["candidate_categories"],
         batch["user_features"], batch["context_features"],
     )
+    return logits
 
 
 @torch.no_grad()
@@ -262,8 +278,9 @@ def init_embeddings(model: DIN, std: float = EMBEDDING_INIT_STD) -> None:
     both start from N(0, 1e-4). Measured on ml-latest-small (BaseModel, 4 epochs): validation
     AUC 0.655 -> 0.705 and GAUC 0.558 -> 0.643.
     """
+    sparse = (*model.user_tables, *model.context_tables)
     tables = [model.embedding.items, model.embedding.categories]
-    tables += [*model.user_tables, *model.context_tables]  # type: ignore[list-item]
+    tables += [t for t in sparse if isinstance(t, nn.Embedding)]
     with torch.no_grad():
         for table in tables:
             nn.init.normal_(table.weight, std=std)
