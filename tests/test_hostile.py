@@ -429,11 +429,12 @@ def test_a_slow_loris_body_is_cut_off_by_the_body_timeout(
         thread.join(60)
     assert answered.status_code in (200, 503), answered.text
     assert len(cut) == 40
-    # More lorises than processing slots (32): those beyond are refused by admission control
-    # (503, before their body is read); the others are cut off by the body timeout (408).
+    # More lorises than processing slots (CTR_MAX_IN_FLIGHT): those beyond are refused by
+    # admission control (503, before their body is read); the admitted ones are cut off by the
+    # body timeout (408). None is ever served or left hanging.
     statuses = [got[:12] for got, _ in cut]
     assert set(statuses) <= {b"HTTP/1.1 408", b"HTTP/1.1 503"}, statuses
-    assert statuses.count(b"HTTP/1.1 408") >= 8
+    assert statuses.count(b"HTTP/1.1 408") >= 1
     for got, seconds in cut:
         if got.startswith(b"HTTP/1.1 408"):
             assert b"connection: close" in got.lower()
