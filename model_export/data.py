@@ -17,9 +17,11 @@ tested in tests/test_data.py:
   every event for implicit logs.
 - Split per user by time: the last ~10% of a user's events are test, the ~10% before are
   validation, the rest train; a user with at least 3 events gets at least one of each.
-- Labels: rating >= threshold (DIN paper MovieLens protocol: 4.0), else the label column; implicit
-  logs (neither column) make every event a positive plus `negatives` sampled items per positive that
-  the user never interacted with, sharing the positive's history, split and features.
+- Labels: the label column (it wins when a log has both), else rating >= threshold (DIN paper
+  MovieLens protocol: 4.0); implicit logs (neither column) make every event a positive plus
+  `negatives` sampled items per positive that the user never interacted with, sharing the
+  positive's history, split and features.
+- Categories: at most max_categories per item (default 4), in file order; padding 0 after them.
 - Vocabularies (items, categories, features) come from training events only, with min_count;
   index 0 is padding, 1 is out-of-vocabulary (model_export/vocab.py). Categories of an item come
   from the item table, exactly as the service looks them up from the bundle.
@@ -232,7 +234,8 @@ def _read_movielens(
 
 def _read_csv(path: Path) -> tuple[dict[str, list[str]], int]:
     """Columns by header name; the second value is the file line of the first data row."""
-    with path.open(newline="", encoding="utf-8") as f:
+    # utf-8-sig: a spreadsheet's byte-order mark would otherwise glue itself to the first column.
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:

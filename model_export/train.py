@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 # OpenMP threads that spin while waiting are ruinous on a shared 2-core machine: measured here with
-# other jobs running, one DIN epoch took 340-970 s of wall time with spinning threads and 120-130 s
-# with passive ones (40 s of CPU either way on one thread). Only effective when torch is not
-# imported yet, which is the case under `dinserve train`.
+# other jobs running, one DIN epoch on 2 threads took 340-970 s of wall time (160-320 s of CPU)
+# with spinning threads, 120-135 s (47 s of CPU) with passive ones, 155-185 s on 1 thread. Only
+# effective when torch is not imported yet, which is the case under `dinserve train`.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
