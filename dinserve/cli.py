@@ -28,7 +28,8 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--data", default=DEFAULT_DATA,
                    help="MovieLens folder (ratings.csv + movies.csv) or a CSV/Parquet log with "
-                        "user_id,item_id,timestamp[,category][,rating|label] (default: %(default)s)")
+                        "user_id,item_id,timestamp[,category][,rating|label] "
+                        "(default: %(default)s)")
     p.add_argument("--format", default="auto", choices=["auto", "movielens", "csv", "parquet"],
                    help="input format; auto detects it from the path (default: %(default)s)")
     p.add_argument("--out", default="runs/din", help="output directory (default: %(default)s)")
@@ -40,7 +41,8 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--patience", type=int, default=2,
                    help="epochs without validation-AUC gain before stopping (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="Adam learning rate (default: %(default)s)")
     p.add_argument("--seed", type=int, default=2018, help="(default: %(default)s)")
     p.add_argument("--label-threshold", type=float, default=4.0,
                    help="rating >= threshold is a positive (DIN paper's MovieLens protocol; "

@@ -128,7 +128,7 @@ class Dice(nn.Module):
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(a, c) with p(s) = σ(a·s + c) at inference; used by the serving graph."""
-        scale = torch.rsqrt(self.norm.running_var + self.norm.eps)  # type: ignore[operator]
+        scale = torch.rsqrt(self.norm.running_var + self.norm.eps)  # type: ignore[operator, arg-type]
         return scale, -self.norm.running_mean * scale  # type: ignore[operator]
 
 
@@ -196,7 +196,9 @@ class TargetAttention(nn.Module):
         return torch.einsum("bl,ble->be", weights, keys)  # (B, E)
 
 
-def normalize_attention(scores: torch.Tensor, mask: torch.Tensor, normalization: str) -> torch.Tensor:
+def normalize_attention(
+    scores: torch.Tensor, mask: torch.Tensor, normalization: str
+) -> torch.Tensor:
     """(B, L) raw scores -> (B, L) weights, exactly 0 at padding; an all-padding row is all 0."""
     if normalization == "none":
         return scores * mask
@@ -274,7 +276,8 @@ class DIN(nn.Module):
         parts = [interest, query]
         parts += sparse_embeddings(self.user_tables, user_features)
         parts += sparse_embeddings(self.context_tables, context_features)
-        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+        logits: torch.Tensor = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+        return logits
 
 
 def sparse_embeddings(tables: nn.ModuleList, indices: torch.Tensor | None) -> list[torch.Tensor]:
