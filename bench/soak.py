@@ -29,8 +29,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.loadclient import OpenLoopClient, PhaseResult, arrival_offsets, run_loop
 from bench.loadhttp import Target
 from bench.loadpayload import build_bodies, read_items, seed_histories
@@ -98,17 +96,8 @@ class ServiceUnderTest:
         with self.log_path.open("ab") as log:
             self.process = processes.spawn(self.argv, env=self.env, cwd=ROOT, stdout=log,
                                            stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return True
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        return False
+        outcome = processes.wait_until_answering(self.process, f"{self.url}/healthz", timeout)
+        return outcome == "ready"
 
     def stop(self) -> int | None:
         if self.process is None:

@@ -212,20 +212,16 @@ class Demo:
         return proc
 
     def wait_ready(self, proc: subprocess.Popen[bytes], base_url: str) -> None:
-        deadline = time.monotonic() + self.args.ready_timeout
-        with httpx.Client(base_url=base_url, timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise DemoError(f"service exited with code {proc.returncode} before it was "
-                                    f"ready; last lines of {self.service_log}:\n{self.log_tail()}")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass  # not listening yet
-                time.sleep(POLL_SECONDS)
-        raise DemoError(f"service not ready after {self.args.ready_timeout:.0f}s "
-                        f"(--ready-timeout); last lines of {self.service_log}:\n{self.log_tail()}")
+        outcome = processes.wait_until_answering(
+            proc, f"{base_url}/readyz", self.args.ready_timeout, POLL_SECONDS
+        )
+        if outcome == "exited":
+            raise DemoError(f"service exited with code {proc.returncode} before it was "
+                            f"ready; last lines of {self.service_log}:\n{self.log_tail()}")
+        if outcome == "timeout":
+            raise DemoError(f"service not ready after {self.args.ready_timeout:.0f}s "
+                            f"(--ready-timeout); last lines of {self.service_log}:\n"
+                            f"{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
         text = self.service_log.read_text(errors="replace") if self.service_log.exists() else ""

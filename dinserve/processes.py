@@ -121,3 +121,23 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def wait_until_answering(
+    proc: subprocess.Popen[bytes], url: str, timeout: float, poll: float = 0.1
+) -> str:
+    """Poll GET url until it answers 200 while proc lives: "ready", "exited" or "timeout"."""
+    import httpx  # a runtime dependency, imported here so spawning stays import-light
+
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return "exited"
+            try:
+                if client.get(url).status_code == 200:
+                    return "ready"
+            except httpx.TransportError:
+                pass  # not listening yet
+            time.sleep(poll)
+    return "timeout"

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -114,16 +113,11 @@ class ServiceProcess:
         log = self.log_path.open("ab")
         self.process = processes.spawn(self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=log)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        outcome = processes.wait_until_answering(self.process, f"{self.url}/healthz", timeout)
+        if outcome == "ready":
+            return self
+        if outcome == "exited":
+            raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log()}")
         self.stop()
         raise RuntimeError(f"service did not answer within {timeout} s:\n{self.log()}")
 
