@@ -68,19 +68,21 @@ def test_wrong_type_and_garbage_values_are_skipped_and_counted(
         garbage_key = keys(redis_prefix, "garbage")[0]
         r.rpush(garbage_key, "7", b"\xff\xfe", "", "a\tb", "8", "\xe9t\xe9")
 
-    async def scenario() -> tuple[History, History]:
+    async def scenario() -> tuple[History, History, History]:
         store = make_store(redis_url, redis_prefix)
         try:
             return (
-                await store.fetch("wrong", 5, with_profile=True),
+                await store.fetch("wrong", 5, with_profile=True),  # the pipelined read
+                await store.fetch("wrong", 5, with_profile=False),  # the single LRANGE
                 await store.fetch("garbage", 10, with_profile=False),
             )
         finally:
             await store.client.aclose()
 
-    wrong, garbage = run(scenario())
+    wrong, wrong_list_only, garbage = run(scenario())
     assert wrong.items == [] and wrong.profile == {}
     assert wrong.skipped == {"wrong_type": 2}
+    assert wrong_list_only.items == [] and wrong_list_only.skipped == {"wrong_type": 1}
     assert garbage.items == ["7", "8", "\xe9t\xe9"]
     assert garbage.skipped == {"invalid_value": 3}
 
