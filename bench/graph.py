@@ -3,7 +3,7 @@
 Owns the graph-level benchmark of issues 2 and 5: for each reference workload (DESIGN.md: W1
 paper-scale, W2 DeepCTR-default) it builds ONE random DIN, exports from the same weights the
 serving graph (as `dinserve export` writes it), the naive tiled graph, and the serving graph with
-each other first-layer strategy of serving.ServingAttention (serving_operand / _dual / _product),
+each single first-layer strategy of serving.ServingAttention (serving_operand / _dual / _product),
 and times them round-robin in one process with identical onnxruntime settings
 (model_export.export.session: ORT_ENABLE_ALL, sequential), next to PyTorch eager
 (torch.inference_mode) on the DIN itself and on the serving module. Scores are compared too. A
@@ -41,9 +41,11 @@ from model_export.export import (
     input_names,
     reference_scores,
     session,
+    switch_plan,
     tile,
 )
 from model_export.serving import ServingAttention, ServingDIN
+from model_export.switch import taken_branch
 
 
 @dataclass(frozen=True)
@@ -126,13 +128,16 @@ def matmul_flops(path: Path, feeds: Feeds) -> int:
                 dim.Clear()
                 dim.dim_value = int(size)
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    # A switched serving graph (model_export/switch.py): count the branch these feeds take.
+    graph = taken_branch(inferred, len(feeds["candidate_items"])) or inferred.graph
     shapes: dict[str, list[int]] = {}
-    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+    for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output,
+                  *graph.value_info, *graph.output]:
         shapes[value.name] = [d.dim_value for d in value.type.tensor_type.shape.dim]
-    for init in inferred.graph.initializer:
+    for init in [*inferred.graph.initializer, *graph.initializer]:
         shapes[init.name] = list(init.dims)
     total = 0
-    for node in inferred.graph.node:
+    for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm"):
             continue
         out = shapes.get(node.output[0])
@@ -219,12 +224,17 @@ def bench_workload(
                        args.seed)
     feeds = request(model, n, length, args.seed + 1)
     tiled = tile(feeds)
-    # The serving graph as export writes it ("auto"), and each other strategy it could have used.
+    # The serving graph as export writes it ("auto": switched on N between "product" and the
+    # large-N strategy, model_export/switch.py), and each single strategy it could have used,
+    # the one its branch for this N runs included (so the report shows what the switch costs).
     chosen = ServingDIN(model).attention
+    plan = switch_plan(model)
     strategy = chosen.strategy if chosen is not None else "operand"
+    if plan is not None and n <= plan["max_small_candidates"]:
+        strategy = plan["small_strategy"]
     alternatives = [
         s for s in ("operand", "dual", "product")
-        if s != strategy and chosen is not None and ServingAttention(model, s).strategy == s
+        if chosen is not None and ServingAttention(model, s).strategy == s
     ]
     paths = {"serving": workdir / f"{workload.name}_serving.onnx",
              "naive": workdir / f"{workload.name}_naive.onnx"}

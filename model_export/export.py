@@ -41,7 +41,8 @@ from numpy.typing import NDArray
 
 from model_export.checkpoint import Checkpoint, feature_file, load_checkpoint
 from model_export.din import DIN
-from model_export.serving import NaiveDIN, ServingDIN
+from model_export.serving import NaiveDIN, ServingAttention, ServingDIN
+from model_export.switch import SMALL_CANDIDATES, switch_on_candidates
 from model_export.vocab import FIRST_TOKEN_INDEX, OOV_INDEX, PADDING_INDEX
 
 logger = logging.getLogger(__name__)
@@ -93,15 +94,46 @@ def _torch_feeds(feeds: Feeds, names: Sequence[str]) -> tuple[torch.Tensor, ...]
 def export_onnx(model: DIN, path: Path, naive: bool = False, strategy: str = "auto") -> None:
     """Write the serving graph (or, naive=True, the tiled graph) of model to path.
 
+    strategy: see serving.ServingAttention. "auto" on a model with attention writes the switched
+    graph (switch.py, switch_plan()): "product" for small candidate lists, the strategy "auto"
+    picks for large ones. Any other strategy writes that strategy alone.
+    """
+    plan = switch_plan(model) if strategy == "auto" and not naive else None
+    if naive:
+        _trace(model, NaiveDIN(model), path, naive=True)
+    elif plan is None:
+        _trace(model, ServingDIN(model, strategy), path)
+    else:
+        with tempfile.TemporaryDirectory(prefix="dinserve-export-") as tmp:
+            small, large = Path(tmp, "small.onnx"), Path(tmp, "large.onnx")
+            _trace(model, ServingDIN(model, plan["small_strategy"]), small)
+            _trace(model, ServingDIN(model, plan["large_strategy"]), large)
+            switched = switch_on_candidates(
+                onnx.load(small), onnx.load(large), plan["max_small_candidates"]
+            )
+            onnx.save(switched, path)
+
+
+def switch_plan(model: DIN) -> dict[str, Any] | None:
+    """How "auto" splits the serving graph by N (switch.py), None for a model without attention."""
+    if model.attention is None:
+        return None
+    large = ServingAttention(model, "auto").strategy
+    return {"small_strategy": "product", "large_strategy": large,
+            "max_small_candidates": SMALL_CANDIDATES[large]}
+
+
+def _trace(model: DIN, module: torch.nn.Module, path: Path, naive: bool = False) -> None:
+    """torch.onnx.export of one serving-shaped module of model.
+
     N and L are dynamic; C, U and X are fixed by the config. The sample used for tracing has
     N = 3 and L = 2 so that no dynamic size is 0 or 1 (the tracer would not specialise on them,
-    but a size of 1 hides broadcasting mistakes). strategy: see serving.ServingAttention.
+    but a size of 1 hides broadcasting mistakes).
     """
     names = input_names(model)
     sample = make_case(model, np.random.default_rng(0), length=2, n=3)
     if naive:
         sample = tile(sample)
-    module = NaiveDIN(model) if naive else ServingDIN(model, strategy)
     if naive:
         axes: dict[str, dict[int, str]] = {
             "history_items": {0: "N", 1: "L"},
@@ -231,6 +263,9 @@ def parity_cases(ckpt: Checkpoint, seed: int = 0) -> list[Case]:
         (f"L={half}+{top - half} padding N=37", dict(length=half, n=37, padding=top - half)),
         ("all padding L=3 N=5", dict(length=0, n=5, padding=3)),
         (f"L={half} N=64 with OOV ids", dict(length=half, n=64, oov=True)),
+        # Either side of the serving graph's switch on N (switch.py): 32 and 64 are limits.
+        (f"L={top} N=33", dict(length=top, n=33)),
+        (f"L={top} N=65", dict(length=top, n=65)),
     ]
     cases = [Case(name, make_case(model, rng, categories=cats, **kw)) for name, kw in specs]
     cases.append(Case(f"L={top} N=20 random categories", make_case(model, rng, top, 20)))
@@ -253,6 +288,8 @@ def golden_cases(ckpt: Checkpoint, seed: int = 1) -> list[Case]:
         ),
         Case("full history, 2 candidates", make_case(model, rng, top, 2, categories=cats)),
         Case("OOV ids, one candidate", make_case(model, rng, short, 1, categories=cats, oov=True)),
+        # Above every small-N limit of the switched serving graph: the self-check runs both paths.
+        Case("full history, 80 candidates", make_case(model, rng, top, 80, categories=cats)),
     ]
 
 
@@ -447,6 +484,7 @@ def write_manifest(
             "opset": OPSET,
             "graph": "serving",
             "naive": NAIVE_FILE if naive else None,
+            "switch": switch_plan(ckpt.model),
             "producer": f"torch {torch.__version__}",
         },
     }

@@ -48,17 +48,20 @@ def test_bench_command_reports_every_variant(tmp_path: Path) -> None:
     assert result["workload"] == "W2" and result["candidates"] == 500
     assert result["history_length"] == 50 and result["intra_op_threads"] == 1
     assert result["serving_strategy"] == "dual"  # E + 1 = 17: two short GEMMs
+    # Each single strategy, the one the switched serving graph runs at N = 500 (dual) included.
     assert set(result["variants"]) == {
-        "serving", "naive", "serving_operand", "serving_product", "roofline_matmul",
+        "serving", "naive", "serving_operand", "serving_dual", "serving_product", "roofline_matmul",
     }
     for stats in result["variants"].values():
         assert stats["calls"] == 2 and 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p99_ms"]
     assert set(result["max_abs_diff_vs_pytorch_din"]) == {
-        "serving", "naive", "serving_operand", "serving_product",
+        "serving", "naive", "serving_operand", "serving_dual", "serving_product",
     }
     assert max(result["max_abs_diff_vs_pytorch_din"].values()) <= 1e-5
     assert result["ratios_of_medians"]["naive/serving"] > 0
     # Useful work: the cheapest serving variant's MatMul FLOPs ("dual" repeats a GEMM on purpose).
     serving_mflops = [v["mflops"] for k, v in result["variants"].items() if k.startswith("serving")]
     assert result["useful_mflops"] == min(serving_mflops) < result["variants"]["serving"]["mflops"]
+    # The switched graph's FLOPs are those of the branch it takes: dual at N = 500.
+    assert result["variants"]["serving"]["mflops"] == result["variants"]["serving_dual"]["mflops"]
     assert 0 < result["roofline"]["fraction_of_matmul_throughput"]
