@@ -22,7 +22,8 @@ def test_matmul_flops_counts_what_the_graph_multiplies(
     feeds = make_case(tiny_checkpoint.model, np.random.default_rng(0), length=5, n=7)
     n, length, e = 7, 5, 16
     expected = (
-        2 * n * (e + 1) * length * 16  # [q ‖ 1] @ K: the decomposed first attention layer
+        2 * e * length * 2 * 16  # building K: [k[:, e] ‖ 1] @ [W4 ; W1 + W3] per e
+        + 2 * n * (e + 1) * length * 16  # [q ‖ 1] @ K: the decomposed first attention layer
         + 2 * length * e * 16  # the key term, once per behaviour
         + 2 * n * length * 16 * 8  # attention 16 -> 8
         + 2 * n * length * 8  # attention head
