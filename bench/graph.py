@@ -28,14 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
-import onnxruntime as ort
-import torch
-from numpy.typing import NDArray
+# PyTorch's OpenMP workers spin for a while after each eager call; with 2 intra-op threads that
+# spinning took the second core from the onnxruntime call timed next (the 2-thread roofline MatMul
+# measured 2x its 1-thread time). Passive waits, as in model_export/train.py; only effective when
+# torch is not imported yet, which is the case under `dinserve bench`.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from model_export.din import DIN, Dice, preset_config
-from model_export.export import (
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+from numpy.typing import NDArray  # noqa: E402
+
+from model_export.din import DIN, Dice, preset_config  # noqa: E402
+from model_export.export import (  # noqa: E402
     Feeds,
     export_onnx,
     input_names,
@@ -44,8 +50,8 @@ from model_export.export import (
     switch_plan,
     tile,
 )
-from model_export.serving import ServingAttention, ServingDIN
-from model_export.switch import taken_branch
+from model_export.serving import ServingAttention, ServingDIN  # noqa: E402
+from model_export.switch import taken_branch  # noqa: E402
 
 
 @dataclass(frozen=True)

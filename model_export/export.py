@@ -318,13 +318,17 @@ def reference_scores(model: DIN, feeds: Feeds) -> NDArray[np.float32]:
 
 
 def session(path: Path, intra_op_threads: int = 1) -> ort.InferenceSession:
-    """An onnxruntime session with the options the service uses (service.model.session_options):
-    every graph optimisation, sequential execution, explicit thread counts."""
+    """An onnxruntime session with the options the service uses by default
+    (service.model.session_options): every graph optimisation, sequential execution, explicit
+    thread counts, no spinning workers. The last matters when several sessions take turns, as in
+    bench/graph.py: a session's idle workers spinning after its call took the second core from
+    the next session's call (2-thread figures 2x their 1-thread ones)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
