@@ -21,9 +21,13 @@ cases run candidate lists on both sides of the threshold. The If itself costs no
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+_Named = TypeVar("_Named", onnx.TensorProto, onnx.ValueInfoProto)
 
 # The If takes the "product" branch when N <= this, by the strategy of the large-N branch: each
 # limit is below the measured crossover above (operand: 64-100 candidates; dual: 25-50).
@@ -61,18 +65,15 @@ def _branch(model: onnx.ModelProto, prefix: str, outer: set[str]) -> onnx.GraphP
         copy.input.extend(rename(i) for i in node.input)
         copy.output.extend(rename(o) for o in node.output)
         nodes.append(copy)
-    initializers = []
-    for init in graph.initializer:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(init)
-        copy.name = rename(init.name)
-        initializers.append(copy)
-    outputs = []
-    for out in graph.output:
-        copy = onnx.ValueInfoProto()
-        copy.CopyFrom(out)
-        copy.name = rename(out.name)
-        outputs.append(copy)
+
+    def renamed(proto: _Named) -> _Named:
+        copy = type(proto)()
+        copy.CopyFrom(proto)
+        copy.name = rename(proto.name)
+        return copy
+
+    initializers = [renamed(init) for init in graph.initializer]
+    outputs = [renamed(out) for out in graph.output]
     return helper.make_graph(nodes, prefix, inputs=[], outputs=outputs, initializer=initializers)
 
 
