@@ -101,6 +101,9 @@ def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="address to bind (default: CTR_HOST, else 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=None,
                    help="port to bind (default: CTR_PORT, else 8000)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="service processes sharing the port (default: CTR_WORKERS, else 1); "
+                        "see docs/settings.md")
     p.set_defaults(handler="service.__main__:run_cli")
 
 

@@ -4,6 +4,11 @@ The model is loaded and verified here, before uvicorn starts, so that a missing 
 ends the process with exit status 2 and one clear line on stderr instead of a lifespan traceback.
 The verified model is handed to create_app(), which does not load it a second time. Flags override
 the CTR_* environment (docs/settings.md).
+
+With CTR_WORKERS > 1 this process becomes uvicorn's supervisor: it checks the model once, then
+starts the workers, each of which builds its own app (and loads the model again) from the
+environment; the flags are passed on as CTR_* variables, and prometheus-client's multiprocess
+directory is created here and removed at exit. SIGTERM drains every worker.
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
@@ -20,9 +28,12 @@ from typing import Any
 import anyio
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from service.app import StartupError, create_app, load_initial_model
 from service.config import Settings
+from service.metrics import MULTIPROCESS_DIR_ENV
 
 logger = logging.getLogger("service")
 
@@ -39,14 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", default=None, help="redis:// or rediss:// URL")
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None, help="service processes (CTR_WORKERS)")
     return parser
+
+
+FLAG_SETTINGS = ("model_dir", "redis_url", "host", "port", "workers")
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Settings from the environment, with the flags that were given taking precedence."""
     overrides: dict[str, Any] = {
         name: value
-        for name in ("model_dir", "redis_url", "host", "port")
+        for name in FLAG_SETTINGS
         if (value := getattr(args, name, None)) is not None
     }
     return Settings(**overrides)
@@ -69,12 +84,26 @@ def run_cli(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    app = create_app(settings, model=model)
-    config = uvicorn.Config(
+    if settings.workers > 1:
+        del model  # each worker loads its own; this one only proved the bundle is servable
+        return _run_workers(settings)
+    # log_config=None: logging stays as configure_logging() set it.
+    server = uvicorn.Server(server_config(settings, create_app(settings, model=model),
+                                          log_config=None))
+    # uvicorn re-raises the signal it handled once its graceful shutdown is over; under the
+    # default SIGTERM disposition that kills the process (status -15), so an orderly drain would
+    # look like a crash to the orchestrator. With a no-op handler a drained SIGTERM exits 0.
+    signal.signal(signal.SIGTERM, _drained)
+    server.run()
+    return 0 if server.started else 1
+
+
+def server_config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config:
+    """uvicorn's configuration of the service, one process or several."""
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
-        log_config=None,
         log_level=settings.log_level,
         access_log=settings.access_log,
         lifespan="on",
@@ -85,14 +114,43 @@ def run_cli(args: argparse.Namespace) -> int:
         # request sent on one as it closes is reset (the keep-alive race; bench/soak.py saw
         # 20 such resets in 10 minutes). The side that closes first should be the caller.
         timeout_keep_alive=math.ceil(settings.keep_alive_seconds),
+        **extra,
     )
-    server = uvicorn.Server(config)
-    # uvicorn re-raises the signal it handled once its graceful shutdown is over; under the
-    # default SIGTERM disposition that kills the process (status -15), so an orderly drain would
-    # look like a crash to the orchestrator. With a no-op handler a drained SIGTERM exits 0.
-    signal.signal(signal.SIGTERM, _drained)
-    server.run()
-    return 0 if server.started else 1
+
+
+def _run_workers(settings: Settings) -> int:
+    """settings.workers uvicorn workers on one socket, each creating its app from CTR_*."""
+    os.environ.update({
+        "CTR_MODEL_DIR": str(settings.model_dir),
+        "CTR_REDIS_URL": settings.redis_url.get_secret_value(),
+        "CTR_HOST": settings.host,
+        "CTR_PORT": str(settings.port),
+        "CTR_WORKERS": str(settings.workers),
+    })
+    metrics_dir = tempfile.mkdtemp(prefix="dinserve-metrics-")
+    os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir
+    # Workers are fresh interpreters (spawn): uvicorn applies this logging config in each.
+    log_config = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"plain": {"format": LOG_FORMAT}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain",
+                                "stream": "ext://sys.stderr"}},
+        "root": {"level": settings.log_level.upper(), "handlers": ["stderr"]},
+    }
+    config = server_config(settings, "service.app:create_app", factory=True,
+                           workers=settings.workers, log_config=log_config)
+    logger.info("starting %d workers on %s:%d", settings.workers, settings.host, settings.port)
+    try:
+        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor.run()  # until SIGTERM/SIGINT, or until a worker fails to start
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    failed = [w.pid for w in supervisor.processes if w.exitcode == STARTUP_FAILURE]
+    if failed:
+        print(f"error: worker(s) {failed} failed to start; see the log above", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _drained(signum: int, frame: FrameType | None) -> None:

@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None, *, model: CTRModel | None = Non
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
             await client.aclose()
+            metrics.close()
 
     app = FastAPI(
         title="dinserve",

@@ -163,6 +163,13 @@ class Settings(BaseSettings):
     port: int = Field(
         default=8000, ge=0, le=65535, description="port uvicorn binds (0 = any free port)"
     )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="service processes sharing the port (uvicorn workers), each with its own "
+        "model, Redis pool and admission limits; /metrics sums them (docs/operations.md)",
+    )
     log_level: LogLevel = Field(default="info", description="root log level")
     access_log: bool = Field(default=True, description="uvicorn's one line per request")
 

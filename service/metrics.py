@@ -8,6 +8,8 @@ counters, low-cardinality labels only (route templates, stages, reasons; never a
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -16,8 +18,14 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Set by `dinserve serve` with more than one worker (service/__main__.py) before the workers start:
+# prometheus-client then keeps every value in per-process files under it, and /metrics sums
+# them, so a scrape that reaches any worker sees the whole service.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Sub-millisecond resolution at the bottom: the budget per request is ~10 ms (DIN paper, KDD'18).
 LATENCY_BUCKETS = (
@@ -48,8 +56,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_DIR_ENV))
+        if not self.multiprocess:  # process_* series describe one process; with workers, none
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
         self.request_seconds = Histogram(
             "ctr_request_duration_seconds",
             "HTTP request latency by route template and status",
@@ -111,7 +121,9 @@ class Metrics:
             "The model being served (value 1)",
             ["name", "version"],
             registry=r,
+            multiprocess_mode="livemax",  # 1 while any live worker serves that version
         )
+        self._model_labels: tuple[str, str] | None = None
         # Admission control (service/overload.py): what was refused or dropped, and how full the
         # gate is. A queue that stays at its cap in ctr_requests_queued means "add replicas".
         self.rejected = Counter(
@@ -121,10 +133,12 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "ctr_requests_in_flight", "Gated requests being processed now", registry=r
+            "ctr_requests_in_flight", "Gated requests being processed now", registry=r,
+            multiprocess_mode="livesum",
         )
         self.queued = Gauge(
-            "ctr_requests_queued", "Gated requests waiting for a processing slot", registry=r
+            "ctr_requests_queued", "Gated requests waiting for a processing slot", registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_wait_seconds = Histogram(
             "ctr_queue_wait_seconds",
@@ -140,9 +154,25 @@ class Metrics:
             self.reloads.labels(result)
 
     def set_model(self, name: str, version: str) -> None:
-        """Point ctr_model_info at the model now serving (one series only)."""
-        self.model_info.clear()
+        """Point ctr_model_info at the model now serving (one series at 1)."""
+        if self.multiprocess:
+            # Another worker may still report the old version; clear() would not reach the
+            # per-process file, so this worker's old series is set to 0 instead.
+            if self._model_labels is not None and self._model_labels != (name, version):
+                self.model_info.labels(*self._model_labels).set(0)
+        else:
+            self.model_info.clear()
         self.model_info.labels(name, version).set(1)
+        self._model_labels = (name, version)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+
+    def close(self) -> None:
+        """At worker exit: its live gauges (in flight, queued, model) stop counting."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())
