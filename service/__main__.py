@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 import uvicorn
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
@@ -120,13 +120,11 @@ def server_config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config:
 
 def _run_workers(settings: Settings) -> int:
     """settings.workers uvicorn workers on one socket, each creating its app from CTR_*."""
-    os.environ.update({
-        "CTR_MODEL_DIR": str(settings.model_dir),
-        "CTR_REDIS_URL": settings.redis_url.get_secret_value(),
-        "CTR_HOST": settings.host,
-        "CTR_PORT": str(settings.port),
-        "CTR_WORKERS": str(settings.workers),
-    })
+    # The flags reach the workers as the CTR_* variables they stand for.
+    for name in FLAG_SETTINGS:
+        value = getattr(settings, name)
+        plain = value.get_secret_value() if isinstance(value, SecretStr) else value
+        os.environ[f"CTR_{name.upper()}"] = str(plain)
     metrics_dir = tempfile.mkdtemp(prefix="dinserve-metrics-")
     os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir
     # Workers are fresh interpreters (spawn): uvicorn applies this logging config in each.

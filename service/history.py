@@ -102,8 +102,7 @@ class HistoryStore:
                     return _decode([items], with_profile)
                 async with self.client.pipeline(transaction=False) as pipe:
                     pipe.lrange(hist_key, 0, max_length - 1)
-                    if with_profile:
-                        pipe.hgetall(user_key)
+                    pipe.hgetall(user_key)
                     # raise_on_error=False: WRONGTYPE comes back as a value, so one bad key costs
                     # that key only, not the request.
                     replies = await pipe.execute(raise_on_error=False)
