@@ -3,8 +3,8 @@
 Owns the graph-level benchmark of issues 2 and 5: for each reference workload (DESIGN.md: W1
 paper-scale, W2 DeepCTR-default) it builds ONE random DIN, exports from the same weights the
 serving graph (as `dinserve export` writes it), the naive tiled graph, and the serving graph with
-each single first-layer strategy of serving.ServingAttention (serving_operand / _dual / _product),
-and times them round-robin in one process with identical onnxruntime settings
+each single first-layer strategy of serving.ServingAttention (serving_channel / _operand / _dual
+/ _product), and times them round-robin in one process with identical onnxruntime settings
 (model_export.export.session: ORT_ENABLE_ALL, sequential), next to PyTorch eager
 (torch.inference_mode) on the DIN itself and on the serving module. Scores are compared too. A
 roofline reference, a plain square MatMul with the serving graph's useful FLOP count timed in the
@@ -121,7 +121,8 @@ def request(model: DIN, n: int, length: int, seed: int) -> Feeds:
 
 
 def matmul_flops(path: Path, feeds: Feeds) -> int:
-    """2·M·K·N summed over the MatMul/Gemm nodes of the graph, at these feeds' shapes.
+    """2·M·K·N summed over the MatMul/Gemm nodes of the graph, at these feeds' shapes, plus
+    2·(output size)·(input channels / groups)·(kernel size) over its Conv nodes.
 
     Shapes come from onnx shape inference with the inputs fixed to the feeds' shapes, so this
     counts what the exported graph really multiplies, not what we meant it to.
@@ -144,11 +145,16 @@ def matmul_flops(path: Path, feeds: Feeds) -> int:
         shapes[init.name] = list(init.dims)
     total = 0
     for node in graph.node:
-        if node.op_type not in ("MatMul", "Gemm"):
+        if node.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
         out = shapes.get(node.output[0])
         a = shapes.get(node.input[0])
         if not out or not a or 0 in out:
+            continue
+        if node.op_type == "Conv":  # weight (out channels, in channels / groups, *kernel)
+            weight = shapes.get(node.input[1])
+            if weight:
+                total += 2 * int(np.prod(out)) * int(np.prod(weight[1:]))
             continue
         trans_a = any(att.name == "transA" and att.i for att in node.attribute)
         k = a[-2] if (node.op_type == "Gemm" and trans_a) else a[-1]
@@ -239,7 +245,7 @@ def bench_workload(
     if plan is not None and n <= plan["max_small_candidates"]:
         strategy = plan["small_strategy"]
     alternatives = [
-        s for s in ("operand", "dual", "product")
+        s for s in ("channel", "operand", "dual", "product")
         if chosen is not None and ServingAttention(model, s).strategy == s
     ]
     paths = {"serving": workdir / f"{workload.name}_serving.onnx",

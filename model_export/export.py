@@ -42,7 +42,7 @@ from numpy.typing import NDArray
 from model_export.checkpoint import Checkpoint, feature_file, load_checkpoint
 from model_export.din import DIN
 from model_export.serving import NaiveDIN, ServingAttention, ServingDIN
-from model_export.switch import SMALL_CANDIDATES, switch_on_candidates
+from model_export.switch import small_candidates, switch_on_candidates
 from model_export.vocab import FIRST_TOKEN_INDEX, OOV_INDEX, PADDING_INDEX
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def switch_plan(model: DIN) -> dict[str, Any] | None:
         return None
     large = ServingAttention(model, "auto").strategy
     return {"small_strategy": "product", "large_strategy": large,
-            "max_small_candidates": SMALL_CANDIDATES[large]}
+            "max_small_candidates": small_candidates(model.config.embedding_dim)}
 
 
 def _trace(model: DIN, module: torch.nn.Module, path: Path, naive: bool = False) -> None:
@@ -253,6 +253,7 @@ def parity_cases(ckpt: Checkpoint, seed: int = 0) -> list[Case]:
     top = ckpt.config.max_history_length
     half = max(1, top // 2)
     many = PARITY_MAX_CANDIDATES
+    limit = small_candidates(ckpt.config.embedding_dim)
     specs: list[tuple[str, dict[str, Any]]] = [
         ("L=0 N=1", dict(length=0, n=1)),
         ("L=0 N=500", dict(length=0, n=many)),
@@ -263,9 +264,9 @@ def parity_cases(ckpt: Checkpoint, seed: int = 0) -> list[Case]:
         (f"L={half}+{top - half} padding N=37", dict(length=half, n=37, padding=top - half)),
         ("all padding L=3 N=5", dict(length=0, n=5, padding=3)),
         (f"L={half} N=64 with OOV ids", dict(length=half, n=64, oov=True)),
-        # Either side of the serving graph's switch on N (switch.py): 32 and 64 are limits.
-        (f"L={top} N=33", dict(length=top, n=33)),
-        (f"L={top} N=65", dict(length=top, n=65)),
+        # Either side of the serving graph's switch on N (switch.py).
+        (f"L={top} N={limit}", dict(length=top, n=limit)),
+        (f"L={top} N={limit + 1}", dict(length=top, n=limit + 1)),
     ]
     cases = [Case(name, make_case(model, rng, categories=cats, **kw)) for name, kw in specs]
     cases.append(Case(f"L={top} N=20 random categories", make_case(model, rng, top, 20)))
@@ -279,6 +280,7 @@ def golden_cases(ckpt: Checkpoint, seed: int = 1) -> list[Case]:
     cats = category_matrix(ckpt)
     top = ckpt.config.max_history_length
     short = min(top, 5)
+    large = small_candidates(ckpt.config.embedding_dim) + 1
     return [
         Case("empty history, one candidate", make_case(model, rng, 0, 1, categories=cats)),
         Case("one behaviour, 3 candidates", make_case(model, rng, 1, 3, categories=cats)),
@@ -288,8 +290,11 @@ def golden_cases(ckpt: Checkpoint, seed: int = 1) -> list[Case]:
         ),
         Case("full history, 2 candidates", make_case(model, rng, top, 2, categories=cats)),
         Case("OOV ids, one candidate", make_case(model, rng, short, 1, categories=cats, oov=True)),
-        # Above every small-N limit of the switched serving graph: the self-check runs both paths.
-        Case("full history, 80 candidates", make_case(model, rng, top, 80, categories=cats)),
+        # Above the switched serving graph's small-N limit: the self-check runs both branches.
+        Case(
+            f"full history, {large} candidates",
+            make_case(model, rng, top, large, categories=cats),
+        ),
     ]
 
 

@@ -7,14 +7,13 @@ times. It owns no parameters of its own; everything it holds is derived from the
 - The first attention layer is linear in [q, k, q − k, q ⊙ k], so with W = [W1 W2 W3 W4]
   W·[q; k; q − k; q ⊙ k] + b = (W1 + W3)·q + (W2 − W3)·k + W4·(q ⊙ k) + b   (DESIGN.md).
   Everything that depends on one behaviour only is folded into a key-side operand built once per
-  request, K[e, l, h] = k[l, e]·W4[h, e] + (W1 + W3)[h, e], plus a bias row (W2 − W3)·k + b, so
-  the whole first layer over all N × L pairs is ONE GEMM, [q ‖ 1] (N, E+1) @ K (E+1, L·H). The
-  alternative, materialising q ⊙ k as (N, L, E) and multiplying by W4ᵀ, moves E/H more memory
-  and needs two extra broadcast adds over (N, L, H); bench/graph.py measures the difference
-  (serving_product: 1.2-1.4x slower at W1 and W2).
+  request, K[l, h, e] = k[l, e]·W4[h, e] + (W1 + W3)[h, e], plus a bias column (W2 − W3)·k + b,
+  so the whole first layer over all N × L pairs is ONE GEMM, K (L·H, E+1) @ [q ‖ 1]ᵀ. The
+  alternative, materialising q ⊙ k as (N·L, E) and multiplying by W4ᵀ ("product"), has no
+  per-request operand and is the faster one for short candidate lists only (switch.py).
 - Dice folds to p = σ(a·s + c) with running statistics (din.Dice.folded()), and a and c go into
-  the preceding Linear (fold_linear). With small embeddings the pairs' element-wise passes, not
-  the GEMMs, dominate; ServingAttention's "dual" strategy removes most of them.
+  the preceding Linear (fold_linear). The pairs' element-wise passes cost as much as the GEMMs;
+  the pair tensor's layout (ServingAttention's strategies) decides how fast they run.
 - The first MLP layer's user/context columns are computed once per request and act as a bias.
 
 NaiveDIN is the same weights in the shape a general-purpose server forces (history tiled per
@@ -46,6 +45,7 @@ class FoldedActivation(nn.Module):
       weights), and this computes (u − c)·(σ(u) + α/β) = (a/β)·Dice(s): four element-wise ops, and
       the per-channel β/a is folded into the NEXT Linear's weights (fold_linear's out_scale).
     PReLU is rewritten for the last dimension (nn.PReLU broadcasts its weight along dimension 1).
+    channels_first=True applies the same along axis −2 (ServingAttention's "channel" layout).
     """
 
     # Buffers, present according to kind.
@@ -62,17 +62,19 @@ class FoldedActivation(nn.Module):
         for name, value in params.items():
             self.register_buffer(name, value.to(torch.float32).contiguous())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., D) -> (..., D)."""
+    def forward(self, x: torch.Tensor, channels_first: bool = False) -> torch.Tensor:
+        """x (..., D) -> (..., D); channels_first: x (..., D, R), the channels on axis −2."""
         if self.kind == "identity":
             return x
+        p = {name: t.unsqueeze(1) if channels_first else t
+             for name, t in self.named_buffers(recurse=False)}
         if self.kind == "dice_shifted":
-            return (x - self.shift) * (torch.sigmoid(x) + self.ratio)
+            return (x - p["shift"]) * (torch.sigmoid(x) + p["ratio"])
         if self.kind == "dice":
-            p = torch.sigmoid(x * self.scale + self.shift)
-            return x * (self.alpha + self.gate * p)
+            gate = torch.sigmoid(x * p["scale"] + p["shift"])
+            return x * (p["alpha"] + p["gate"] * gate)
         if self.kind == "prelu":
-            return torch.clamp_min(x, 0.0) + self.slope * torch.clamp_max(x, 0.0)
+            return torch.clamp_min(x, 0.0) + p["slope"] * torch.clamp_max(x, 0.0)
         if self.kind == "relu":
             return torch.relu(x)
         return torch.sigmoid(x)
@@ -155,28 +157,29 @@ def fold_stack(
     return stack
 
 
-# Strategies for the per-pair part of the first attention layer (module docstring). "auto" takes
-# "dual" when the first layer's contraction E + 1 is at most this, else "operand". Measured with
-# `dinserve bench` (interleaved, 1 thread, shared 2-core machine): W2 (E + 1 = 17) dual takes
-# 0.79-0.97x the time of operand, W1 (E + 1 = 129) 1.45-1.57x. A GEMM with a short contraction is
-# bound by writing its output, so a second one costs less than the three element-wise passes it
-# removes; a long one is bound by arithmetic.
-DUAL_MAX_CONTRACTION = 32
-STRATEGIES = ("auto", "operand", "dual", "product")
+STRATEGIES = ("auto", "channel", "operand", "dual", "product")
 
 
 class ServingAttention(nn.Module):
     """The local activation unit over one history and N candidates, first layer decomposed.
 
-    strategy (all give the same scores; they differ in memory traffic):
-    - "operand": one GEMM [q ‖ 1] @ K gives u = a·s + c for every pair, then the four-op Dice.
-    - "dual": two GEMMs over the same operand, one with the sigmoid fused (onnxruntime's
+    strategy (all give the same scores; they differ in memory layout and traffic):
+    - "channel": the pairs channel-major, (L, H, N) with the candidates innermost. One GEMM
+      K (L·H, E+1) @ [q ‖ 1]ᵀ gives u = a·s + c for every pair; Dice's per-channel constants then
+      broadcast over contiguous runs of N, and each later layer is a 1×1 convolution over
+      (L, H, N) with its bias inside the kernel. The per-request operand K costs more to build
+      than "operand"'s, so this wins at large N only: bench/graph.py and switch.py have figures.
+    - "operand": the pairs row-major, (N·L, H): one GEMM [q ‖ 1] @ K, the four-op Dice, Gemms.
+    - "dual": two GEMMs over the "operand" operand, one with the sigmoid fused (onnxruntime's
       FusedGemm): p = σ(u) and d = u − c directly; Dice·(a/β) = d ⊙ p + γ ⊙ d, and the linear
       γ ⊙ d term is moved through the next layer's weights onto the operand (once per request),
       so the pairs see one Mul instead of Sigmoid, Add, Sub and Mul. Needs a shifted Dice with a
       following layer; otherwise "operand" is used.
-    - "product": materialises q ⊙ k as (N·L, E) and multiplies it by W4ᵀ (for the benchmark).
-    - "auto": "dual" when E + 1 <= DUAL_MAX_CONTRACTION and possible, else "operand".
+    - "product": materialises q ⊙ k as (N·L, E) and multiplies it by W4ᵀ: no per-request
+      operand, the cheapest at small N (the switched export's small branch).
+    - "auto": "channel". On the 2-core Intel machine of 2026-11-28 (1 thread, interleaved), it
+      took 0.85-0.97 of "operand"'s time at W1 and 0.97 of "dual"'s at W2; "dual", the earlier
+      choice at small E, no longer beats "operand" there (docs/performance.md).
     """
 
     query_weight: torch.Tensor
@@ -210,7 +213,7 @@ class ServingAttention(nn.Module):
         self.rest = fold_stack(rest, scale)
         dual_possible = self.first_activation.kind == "dice_shifted" and len(self.rest) > 0
         if strategy == "auto":
-            strategy = "dual" if dual_possible and e + 1 <= DUAL_MAX_CONTRACTION else "operand"
+            strategy = "channel"
         elif strategy == "dual" and not dual_possible:
             strategy = "operand"
         self.strategy = strategy
@@ -226,6 +229,8 @@ class ServingAttention(nn.Module):
         n, e = query.shape
         h = self.hidden
         key_bias = torch.addmm(self.bias, keys, self.key_weight)  # (L, H)
+        if self.strategy == "channel":
+            return self._channel(query, keys, mask, key_bias)
         rest = list(self.rest)
         if self.strategy == "product":
             pairs = (query.unsqueeze(1) * keys.unsqueeze(0)).reshape(-1, e)  # (N·L, E)
@@ -254,6 +259,27 @@ class ServingAttention(nn.Module):
         for layer in rest:
             x = layer(x)  # (N·L, ·)
         scores = x.reshape(n, -1)  # (N, L)
+        weights = normalize_attention(scores, mask.unsqueeze(0), self.normalization)  # (N, L)
+        return weights @ keys  # (N, E)
+
+    def _channel(
+        self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, key_bias: torch.Tensor
+    ) -> torch.Tensor:
+        """The "channel" strategy: query (N, E), keys (L, E) -> interest (N, E)."""
+        n, e = query.shape
+        # Once per request: K[l, h] = [k[l] ⊙ W4[h] + (W1 + W3)[h] ‖ key bias[l, h]], (L, H, E+1).
+        operand = keys.unsqueeze(1) * self.pair_weight.t() + self.query_weight.t()  # (L, H, E)
+        operand = torch.cat([operand, key_bias.unsqueeze(2)], dim=2).reshape(-1, e + 1)
+        query_ones = torch.cat([query, query.new_ones(n, 1)], dim=1)  # (N, E+1)
+        # Per pair, one GEMM: u for all L × H × N. -1 for L: a literal 0 would mean "copy" in
+        # ONNX Reshape; N >= 1 always.
+        x = (operand @ query_ones.t()).reshape(-1, self.hidden, n)  # (L, H, N)
+        x = self.first_activation(x, channels_first=True)
+        for layer in self.rest:
+            assert isinstance(layer, FoldedDense)
+            kernel = layer.weight.t().unsqueeze(2)  # (out, in, 1)
+            x = layer.activation(nn.functional.conv1d(x, kernel, layer.bias), channels_first=True)
+        scores = x.reshape(-1, n).t()  # (L, 1, N) -> (N, L)
         weights = normalize_attention(scores, mask.unsqueeze(0), self.normalization)  # (N, L)
         return weights @ keys  # (N, E)
 

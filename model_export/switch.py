@@ -1,22 +1,24 @@
 """One ONNX graph from two equivalent ones: the first for small candidate lists, the other else.
 
 The serving graph's first attention layer has strategies with different cost shapes
-(serving.ServingAttention). "operand" and "dual" build a key-side operand once per request,
-(E + 1) × L × H floats, then do every pair in one GEMM: the best at large N, but at small N the
-operand costs more than the pairs themselves. "product" has no per-request operand and costs
-per pair a little more. Measured (bench/graph.py's random models, 1 thread, L = max):
+(serving.ServingAttention). "channel" (and "operand", "dual") build a key-side operand once per
+request, L × H × (E + 1) floats, then do every pair in one GEMM: the best at large N, but at
+small N the operand costs more than the pairs themselves. "product" has no per-request operand
+and costs per pair a little more. Measured on 2026-11-28 (random models as bench/graph.py builds
+them, 1 thread, L = max, the variants interleaved call by call; the 2-core Intel Xeon of
+docs/performance.md), product vs channel, ms:
 
-    W1 (E = 128, L = 100)  N = 10: product 1.56 ms, operand 3.63 ms; N = 50: 4.39 vs 5.54;
-                           N = 100: 9.35 vs 8.88; N = 200: 21.8 vs 18.3
-    W2 (E = 16, L = 50)    N = 10: product 0.24 ms, dual 0.32 ms;   N = 25: 0.49 vs 0.54;
-                           N = 50: 1.12 vs 1.05; N = 500: 18.6 vs 11.4
+    W1 (E = 128, L = 100)  N = 16: 1.48 vs 3.38; N = 64: 4.18 vs 5.02; N = 100: 6.79 vs 7.34;
+                           N = 150: 14.8 vs 14.1; N = 200: 13.4 vs 12.3
+    W2 (E = 16, L = 50)    N = 32: 0.46 vs 0.49; N = 64: 0.91 vs 0.77; N = 128: 1.94 vs 1.49
 
-and on the trained MovieLens model (E = 64, L = 100): N = 33 product 4.08 ms, operand 4.64;
-N = 64: 6.48 vs 6.77; N = 200: 24.0 vs 21.7. So an exported serving graph holds both, behind an
-ONNX If on N (SMALL_CANDIDATES, by the large-N strategy). Both branches read the graph inputs
-from the outer scope and end in the same output; the parity check and the manifest's golden
-cases run candidate lists on both sides of the threshold. The If itself costs nothing measurable
-(an onnxruntime profile at 200 x 100: 22.42 ms per run with it, 22.43 without).
+and on the trained MovieLens model (E = 64, L = 100): N = 64: 3.35 vs 3.32; N = 100: 5.70 vs
+5.75; N = 150: 8.12 vs 7.77; N = 200: 11.1 vs 9.6. The crossover grows with E (the operand's
+cost does), so an exported serving graph holds both, behind an ONNX If on N at
+small_candidates(E) = max(32, E). Both branches read the graph inputs from the outer scope and
+end in the same output; the parity check and the manifest's golden cases run candidate lists on
+both sides of the threshold. The If itself costs nothing measurable (an onnxruntime profile at
+200 x 100: 22.42 ms per run with it, 22.43 without; 10 x 50: 0.309 against 0.302 ms).
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ from onnx import helper, numpy_helper
 
 _Named = TypeVar("_Named", onnx.TensorProto, onnx.ValueInfoProto)
 
-# The If takes the "product" branch when N <= this, by the strategy of the large-N branch: each
-# limit is below the measured crossover above (operand: 64-100 candidates; dual: 25-50).
-SMALL_CANDIDATES = {"operand": 64, "dual": 32}
+# Fewest candidates the large-N branch is ever chosen above (module docstring: W2's crossover).
+MIN_SMALL_CANDIDATES = 32
+
+
+def small_candidates(embedding_dim: int) -> int:
+    """The If takes the "product" branch when N <= this (module docstring: the crossovers)."""
+    return max(MIN_SMALL_CANDIDATES, embedding_dim)
 
 _N = "switch/candidates"
 _LIMIT = "switch/small_limit"

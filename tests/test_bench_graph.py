@@ -35,6 +35,12 @@ def test_matmul_flops_counts_what_the_graph_multiplies(
     )
     assert matmul_flops(path, feeds) == expected
 
+    # "channel": the same products, the later attention layers as 1x1 Convs (counted like the
+    # Gemms they replace), and K built element-wise (no MatMul of its own).
+    path = tmp_path / "channel.onnx"
+    export_onnx(tiny_checkpoint.model, path, strategy="channel")
+    assert matmul_flops(path, feeds) == expected - 2 * e * length * 2 * 16
+
 
 def test_bench_command_reports_every_variant(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
@@ -48,21 +54,23 @@ def test_bench_command_reports_every_variant(tmp_path: Path) -> None:
     (result,) = report["results"]
     assert result["workload"] == "W2" and result["candidates"] == 500
     assert result["history_length"] == 50 and result["intra_op_threads"] == 1
-    assert result["serving_strategy"] == "dual"  # E + 1 = 17: two short GEMMs
-    # Each single strategy, the one the switched serving graph runs at N = 500 (dual) included.
+    assert result["serving_strategy"] == "channel"
+    # Each single strategy, the one the switched serving graph runs at N = 500 (channel) included.
     assert set(result["variants"]) == {
-        "serving", "naive", "serving_operand", "serving_dual", "serving_product", "roofline_matmul",
+        "serving", "naive", "serving_channel", "serving_operand", "serving_dual", "serving_product",
+        "roofline_matmul",
     }
     for stats in result["variants"].values():
         assert stats["calls"] == 2 and 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p99_ms"]
     assert set(result["max_abs_diff_vs_pytorch_din"]) == {
-        "serving", "naive", "serving_operand", "serving_dual", "serving_product",
+        "serving", "naive", "serving_channel", "serving_operand", "serving_dual", "serving_product",
     }
     assert max(result["max_abs_diff_vs_pytorch_din"].values()) <= 1e-5
     assert result["ratios_of_medians"]["naive/serving"] > 0
     # Useful work: the cheapest serving variant's MatMul FLOPs ("dual" repeats a GEMM on purpose).
     serving_mflops = [v["mflops"] for k, v in result["variants"].items() if k.startswith("serving")]
     assert result["useful_mflops"] == min(serving_mflops) < result["variants"]["serving"]["mflops"]
-    # The switched graph's FLOPs are those of the branch it takes: dual at N = 500.
-    assert result["variants"]["serving"]["mflops"] == result["variants"]["serving_dual"]["mflops"]
+    # The switched graph's FLOPs are those of the branch it takes: channel at N = 500.
+    variants = result["variants"]
+    assert variants["serving"]["mflops"] == variants["serving_channel"]["mflops"]
     assert 0 < result["roofline"]["fraction_of_matmul_throughput"]

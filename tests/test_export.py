@@ -74,7 +74,7 @@ def padded(feeds: dict[str, np.ndarray], extra: int) -> dict[str, np.ndarray]:
     ],
     ids=["paper", "softmax", "basemodel", "deepctr", "seed", "prelu"],
 )
-@pytest.mark.parametrize("strategy", ["operand", "dual", "product"])
+@pytest.mark.parametrize("strategy", ["channel", "operand", "dual", "product"])
 def test_serving_module_matches_din(
     make_tiny_checkpoint: Any, variant: dict[str, Any], strategy: str
 ) -> None:
@@ -89,13 +89,16 @@ def test_serving_module_matches_din(
         np.testing.assert_allclose(got, reference_scores(ckpt.model, feeds), rtol=0, atol=1e-6)
 
 
-def test_auto_strategy_follows_the_embedding_width(make_tiny_checkpoint: Any) -> None:
-    """Short contraction (E + 1 <= 32): two GEMMs beat the element-wise passes; long: one GEMM."""
+def test_auto_strategy_is_channel_major_and_dual_needs_a_shifted_dice(
+    make_tiny_checkpoint: Any,
+) -> None:
+    """auto: the channel-major layout at every width; "dual" falls back where Dice cannot split."""
     small = make_tiny_checkpoint(seed=3)  # E = 16
     wide = make_tiny_checkpoint(seed=3, item_dim=32, category_dim=32)  # E = 64
     relu = make_tiny_checkpoint(seed=3, attention_activation="relu")  # no Dice to split
-    assert ServingDIN(small.model).attention.strategy == "dual"  # type: ignore[union-attr]
-    assert ServingDIN(wide.model).attention.strategy == "operand"  # type: ignore[union-attr]
+    assert ServingDIN(small.model).attention.strategy == "channel"  # type: ignore[union-attr]
+    assert ServingDIN(wide.model).attention.strategy == "channel"  # type: ignore[union-attr]
+    assert ServingDIN(small.model, "dual").attention.strategy == "dual"  # type: ignore[union-attr]
     assert ServingDIN(relu.model, "dual").attention.strategy == "operand"  # type: ignore[union-attr]
 
 
@@ -134,7 +137,7 @@ def test_exported_graph_matches_pytorch(
     assert all(d <= TOLERANCE for d in worst.values()), worst
 
 
-@pytest.mark.parametrize("strategy", ["operand", "dual", "product"])
+@pytest.mark.parametrize("strategy", ["channel", "operand", "dual", "product"])
 def test_every_strategy_exports_with_parity(
     tiny_checkpoint: Checkpoint, tmp_path: Path, strategy: str
 ) -> None:

@@ -22,7 +22,7 @@ from model_export.export import (
     session,
     switch_plan,
 )
-from model_export.switch import SMALL_CANDIDATES, switch_on_candidates, taken_branch
+from model_export.switch import small_candidates, switch_on_candidates, taken_branch
 
 
 def test_auto_export_is_switched_between_product_and_the_large_strategy(
@@ -32,7 +32,8 @@ def test_auto_export_is_switched_between_product_and_the_large_strategy(
     plan = switch_plan(model)
     assert plan is not None and plan["small_strategy"] == "product"
     limit = plan["max_small_candidates"]
-    assert limit == SMALL_CANDIDATES[plan["large_strategy"]]
+    assert plan["large_strategy"] == "channel"
+    assert limit == small_candidates(model.config.embedding_dim)
     path = tmp_path / "serving.onnx"
     export_onnx(model, path)
     graph = onnx.load(str(path))
