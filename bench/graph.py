@@ -257,8 +257,15 @@ def bench_workload(
         paths[f"serving_{alt}"] = workdir / f"{workload.name}_serving_{alt}.onnx"
         export_onnx(model, paths[f"serving_{alt}"], strategy=alt)
     export_seconds = time.perf_counter() - started
+    # FLOPs are counted on the same graphs written without the Scan over history chunks
+    # (model_export/chunked.py): the same products, but matmul_flops does not look into a Scan.
+    strategies = {"serving": "auto", **{f"serving_{alt}": alt for alt in alternatives}}
+    counted = dict(paths)
+    for name, strategy_name in strategies.items():
+        counted[name] = workdir / f"{name}_unchunked.onnx"
+        export_onnx(model, counted[name], strategy=strategy_name, chunked=False)
     flops = {name: matmul_flops(path, tiled if name == "naive" else feeds)
-             for name, path in paths.items()}
+             for name, path in counted.items()}
     # Useful work: the decomposed layer computed once ("dual" repeats a GEMM to save memory
     # passes, and the roofline should not credit it for that).
     useful = min(f for name, f in flops.items() if name != "naive")

@@ -40,9 +40,10 @@ import torch
 from numpy.typing import NDArray
 
 from model_export.checkpoint import Checkpoint, feature_file, load_checkpoint
+from model_export.chunked import chunk_pair_scores
 from model_export.din import DIN
-from model_export.serving import NaiveDIN, ServingAttention, ServingDIN
-from model_export.switch import small_candidates, switch_on_candidates
+from model_export.serving import NaiveDIN, PairScores, ServingAttention, ServingDIN
+from model_export.switch import SMALL_CANDIDATES, switch_on_candidates
 from model_export.vocab import FIRST_TOKEN_INDEX, OOV_INDEX, PADDING_INDEX
 
 logger = logging.getLogger(__name__)
@@ -91,23 +92,27 @@ def _torch_feeds(feeds: Feeds, names: Sequence[str]) -> tuple[torch.Tensor, ...]
     return tuple(torch.from_numpy(np.array(feeds[name], dtype=np.int64)) for name in names)
 
 
-def export_onnx(model: DIN, path: Path, naive: bool = False, strategy: str = "auto") -> None:
+def export_onnx(
+    model: DIN, path: Path, naive: bool = False, strategy: str = "auto", chunked: bool = True
+) -> None:
     """Write the serving graph (or, naive=True, the tiled graph) of model to path.
 
     strategy: see serving.ServingAttention. "auto" on a model with attention writes the switched
     graph (switch.py, switch_plan()): "product" for small candidate lists, the strategy "auto"
-    picks for large ones. Any other strategy writes that strategy alone.
+    picks for large ones. Any other strategy writes that strategy alone. chunked=False writes the
+    "channel" strategy's pair block inline instead of as a Scan over history chunks (chunked.py):
+    the same products, for bench/graph.py's FLOP count, which does not look inside a Scan.
     """
     plan = switch_plan(model) if strategy == "auto" and not naive else None
     if naive:
         _trace(model, NaiveDIN(model), path, naive=True)
     elif plan is None:
-        _trace(model, ServingDIN(model, strategy), path)
+        _trace(model, ServingDIN(model, strategy, chunked), path)
     else:
         with tempfile.TemporaryDirectory(prefix="dinserve-export-") as tmp:
             small, large = Path(tmp, "small.onnx"), Path(tmp, "large.onnx")
-            _trace(model, ServingDIN(model, plan["small_strategy"]), small)
-            _trace(model, ServingDIN(model, plan["large_strategy"]), large)
+            _trace(model, ServingDIN(model, plan["small_strategy"], chunked), small)
+            _trace(model, ServingDIN(model, plan["large_strategy"], chunked), large)
             switched = switch_on_candidates(
                 onnx.load(small), onnx.load(large), plan["max_small_candidates"]
             )
@@ -120,7 +125,7 @@ def switch_plan(model: DIN) -> dict[str, Any] | None:
         return None
     large = ServingAttention(model, "auto").strategy
     return {"small_strategy": "product", "large_strategy": large,
-            "max_small_candidates": small_candidates(model.config.embedding_dim)}
+            "max_small_candidates": SMALL_CANDIDATES}
 
 
 def _trace(model: DIN, module: torch.nn.Module, path: Path, naive: bool = False) -> None:
@@ -134,6 +139,11 @@ def _trace(model: DIN, module: torch.nn.Module, path: Path, naive: bool = False)
     sample = make_case(model, np.random.default_rng(0), length=2, n=3)
     if naive:
         sample = tile(sample)
+    # The "channel" strategy's pair block, traced as one marker node, becomes a Scan (chunked.py).
+    attention = getattr(module, "attention", None)
+    pairs = None
+    if isinstance(attention, ServingAttention) and attention.strategy == "channel":
+        pairs = attention.pairs if attention.pairs.chunked else None
     if naive:
         axes: dict[str, dict[int, str]] = {
             "history_items": {0: "N", 1: "L"},
@@ -162,7 +172,10 @@ def _trace(model: DIN, module: torch.nn.Module, path: Path, naive: bool = False)
             opset_version=OPSET,
             dynamo=False,
             do_constant_folding=True,
+            custom_opsets={PairScores.DOMAIN: 1} if pairs is not None else None,
         )
+    if pairs is not None:
+        onnx.save(chunk_pair_scores(onnx.load(str(path)), pairs, OPSET), str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +266,7 @@ def parity_cases(ckpt: Checkpoint, seed: int = 0) -> list[Case]:
     top = ckpt.config.max_history_length
     half = max(1, top // 2)
     many = PARITY_MAX_CANDIDATES
-    limit = small_candidates(ckpt.config.embedding_dim)
+    limit = SMALL_CANDIDATES
     specs: list[tuple[str, dict[str, Any]]] = [
         ("L=0 N=1", dict(length=0, n=1)),
         ("L=0 N=500", dict(length=0, n=many)),
@@ -280,7 +293,7 @@ def golden_cases(ckpt: Checkpoint, seed: int = 1) -> list[Case]:
     cats = category_matrix(ckpt)
     top = ckpt.config.max_history_length
     short = min(top, 5)
-    large = small_candidates(ckpt.config.embedding_dim) + 1
+    large = SMALL_CANDIDATES + 1
     return [
         Case("empty history, one candidate", make_case(model, rng, 0, 1, categories=cats)),
         Case("one behaviour, 3 candidates", make_case(model, rng, 1, 3, categories=cats)),

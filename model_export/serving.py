@@ -25,6 +25,8 @@ probabilities, where DIN.forward returns logits.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -164,11 +166,13 @@ class ServingAttention(nn.Module):
     """The local activation unit over one history and N candidates, first layer decomposed.
 
     strategy (all give the same scores; they differ in memory layout and traffic):
-    - "channel": the pairs channel-major, (L, H, N) with the candidates innermost. One GEMM
-      K (L·H, E+1) @ [q ‖ 1]ᵀ gives u = a·s + c for every pair; Dice's per-channel constants then
-      broadcast over contiguous runs of N, and each later layer is a 1×1 convolution over
-      (L, H, N) with its bias inside the kernel. The per-request operand K costs more to build
-      than "operand"'s, so this wins at large N only: bench/graph.py and switch.py have figures.
+    - "channel": the pairs channel-major, (L, H, N) with the candidates innermost (ChannelPairs):
+      one GEMM per behaviour, K[l] (H, E+1) @ [q ‖ 1]ᵀ, gives u for every pair; Dice's
+      per-channel constants broadcast over contiguous runs of N, and each later layer is a 1x1
+      convolution with its bias inside the kernel. Exported as a Scan over chunks of a few
+      behaviours, K included (chunked.py), so that the pair tensors stay in cache: the fastest
+      at large N with one intra-op thread. K costs more per request than "operand"'s operand, so
+      small N goes to "product" (switch.py).
     - "operand": the pairs row-major, (N·L, H): one GEMM [q ‖ 1] @ K, the four-op Dice, Gemms.
     - "dual": two GEMMs over the "operand" operand, one with the sigmoid fused (onnxruntime's
       FusedGemm): p = σ(u) and d = u − c directly; Dice·(a/β) = d ⊙ p + γ ⊙ d, and the linear
@@ -177,9 +181,9 @@ class ServingAttention(nn.Module):
       following layer; otherwise "operand" is used.
     - "product": materialises q ⊙ k as (N·L, E) and multiplies it by W4ᵀ: no per-request
       operand, the cheapest at small N (the switched export's small branch).
-    - "auto": "channel". On the 2-core Intel machine of 2026-11-28 (1 thread, interleaved), it
-      took 0.85-0.97 of "operand"'s time at W1 and 0.97 of "dual"'s at W2; "dual", the earlier
-      choice at small E, no longer beats "operand" there (docs/performance.md).
+    - "auto": "channel". Measured by `dinserve bench` (1 intra-op thread, 2-core Intel Xeon,
+      2026-11-28): at W1 "channel" took 0.72 of "operand"'s time, at W2 0.61 of "dual"'s; with 2
+      intra-op threads per call it lost 0-12% to them (docs/performance.md).
     """
 
     query_weight: torch.Tensor
@@ -189,8 +193,9 @@ class ServingAttention(nn.Module):
     bias: torch.Tensor
     hoisted_weight: torch.Tensor
     first_activation: FoldedActivation
+    pairs: ChannelPairs  # "channel" only
 
-    def __init__(self, model: DIN, strategy: str = "auto") -> None:
+    def __init__(self, model: DIN, strategy: str = "auto", chunked: bool = True) -> None:
         super().__init__()
         assert model.attention is not None
         assert strategy in STRATEGIES, strategy
@@ -217,6 +222,9 @@ class ServingAttention(nn.Module):
         elif strategy == "dual" and not dual_possible:
             strategy = "operand"
         self.strategy = strategy
+        if strategy == "channel":
+            self.pairs = ChannelPairs(self)
+            self.pairs.chunked = chunked
         if strategy == "dual":
             following = self.rest[0]
             assert isinstance(following, FoldedDense)
@@ -266,20 +274,12 @@ class ServingAttention(nn.Module):
         self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, key_bias: torch.Tensor
     ) -> torch.Tensor:
         """The "channel" strategy: query (N, E), keys (L, E) -> interest (N, E)."""
-        n, e = query.shape
-        # Once per request: K[l, h] = [k[l] ⊙ W4[h] + (W1 + W3)[h] ‖ key bias[l, h]], (L, H, E+1).
-        operand = keys.unsqueeze(1) * self.pair_weight.t() + self.query_weight.t()  # (L, H, E)
-        operand = torch.cat([operand, key_bias.unsqueeze(2)], dim=2).reshape(-1, e + 1)
-        query_ones = torch.cat([query, query.new_ones(n, 1)], dim=1)  # (N, E+1)
-        # Per pair, one GEMM: u for all L × H × N. -1 for L: a literal 0 would mean "copy" in
-        # ONNX Reshape; N >= 1 always.
-        x = (operand @ query_ones.t()).reshape(-1, self.hidden, n)  # (L, H, N)
-        x = self.first_activation(x, channels_first=True)
-        for layer in self.rest:
-            assert isinstance(layer, FoldedDense)
-            kernel = layer.weight.t().unsqueeze(2)  # (out, in, 1)
-            x = layer.activation(nn.functional.conv1d(x, kernel, layer.bias), channels_first=True)
-        scores = x.reshape(-1, n).t()  # (L, 1, N) -> (N, L)
+        n = query.shape[0]
+        query_t = torch.cat([query, query.new_ones(n, 1)], dim=1).t()  # [q ‖ 1]ᵀ (E+1, N)
+        scores = self.pairs(keys, key_bias, query_t)  # (L, 1, N)
+        if self.pairs.chunked and torch.onnx.is_in_onnx_export():
+            scores = PairScores.apply(keys, key_bias, query_t, scores)  # one node, for chunked.py
+        scores = scores.reshape(-1, n).t()  # (N, L)        scores = scores.t()  # (N, L)
         weights = normalize_attention(scores, mask.unsqueeze(0), self.normalization)  # (N, L)
         return weights @ keys  # (N, E)
 
@@ -304,6 +304,70 @@ class ServingAttention(nn.Module):
         return out
 
 
+class ChannelPairs(nn.Module):
+    """The "channel" strategy's per-pair block: behaviours and candidates -> raw scores.
+
+    Pairs are channel-major, (l, H, N) with the candidates innermost: one GEMM per behaviour,
+    K[l] (H, E+1) @ [q ‖ 1]ᵀ, gives u for every pair; Dice's per-channel constants broadcast over
+    contiguous runs of N; each later layer is a 1x1 convolution over (l, H, N), bias inside the
+    kernel. export.py writes the block into the serving graph as an ONNX Scan over chunks of a
+    few behaviours (model_export/chunked.py), so that one chunk's tensors, K included, stay in
+    cache from the key-side operand to the scores; in PyTorch it runs on all behaviours at once.
+    """
+
+    pair_weight: torch.Tensor
+    query_weight: torch.Tensor
+
+    def __init__(self, attention: ServingAttention) -> None:
+        super().__init__()
+        self.first_activation = attention.first_activation
+        self.rest = attention.rest
+        self.hidden = attention.hidden  # H, the first layer's units
+        self.register_buffer("pair_weight", attention.pair_weight.t().contiguous())  # (H, E)
+        self.register_buffer("query_weight", attention.query_weight.t().contiguous())  # (H, E)
+        self.chunked = True  # exported as a Scan over history chunks (model_export/chunked.py)
+
+    def forward(
+        self, keys: torch.Tensor, key_bias: torch.Tensor, query_t: torch.Tensor
+    ) -> torch.Tensor:
+        """keys (l, E), key bias (l, H), query_t (E+1, N) = [q ‖ 1]ᵀ -> scores (l, 1, N)."""
+        # K[l, h] = [k[l] ⊙ W4[h] + (W1 + W3)[h] ‖ key bias[l, h]]: (l, H, E+1).
+        operand = keys.unsqueeze(1) * self.pair_weight + self.query_weight  # (l, H, E)
+        operand = torch.cat([operand, key_bias.unsqueeze(2)], dim=2)
+        x = self.first_activation(operand @ query_t, channels_first=True)  # (l, H, N)
+        for layer in self.rest:
+            assert isinstance(layer, FoldedDense)
+            kernel = layer.weight.t().unsqueeze(2)  # (out, in, 1)
+            # A 1x1 convolution over (l, in, N): onnxruntime adds the bias inside the kernel.
+            x = layer.activation(nn.functional.conv1d(x, kernel, layer.bias), channels_first=True)
+        return x  # (l, 1, N)
+
+
+class PairScores(torch.autograd.Function):
+    """ChannelPairs as one opaque node in a traced ONNX graph, for chunked.py to replace.
+
+    Given the block's inputs and its already computed scores, it passes the scores through; its
+    ONNX form is a single dinserve::ChannelPairScores(keys, key_bias, query_t) node, so the ops
+    that computed the scores have no consumer and the exporter drops them.
+    """
+
+    DOMAIN = "dinserve"
+    OP = "ChannelPairScores"
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: object, keys: torch.Tensor, key_bias: torch.Tensor, query_t: torch.Tensor,
+        scores: torch.Tensor,
+    ) -> torch.Tensor:
+        return scores.clone()
+
+    @staticmethod
+    def symbolic(g: Any, keys: Any, key_bias: Any, query_t: Any, scores: Any) -> Any:
+        out = g.op(f"{PairScores.DOMAIN}::{PairScores.OP}", keys, key_bias, query_t)
+        out.setType(scores.type())  # (L, 1, N) float, for the exporter's shape inference
+        return out
+
+
 class ServingDIN(nn.Module):
     """A trained DIN (or BaseModel) in serving shape: one history, N candidates -> ctr (N,)."""
 
@@ -312,7 +376,7 @@ class ServingDIN(nn.Module):
     mlp_bias: torch.Tensor
     first_activation: FoldedActivation
 
-    def __init__(self, model: DIN, strategy: str = "auto") -> None:
+    def __init__(self, model: DIN, strategy: str = "auto", chunked: bool = True) -> None:
         super().__init__()
         config = model.config
         self.config = config
@@ -320,7 +384,7 @@ class ServingDIN(nn.Module):
         self.user_tables = model.user_tables
         self.context_tables = model.context_tables
         self.attention = (
-            ServingAttention(model, strategy) if model.attention is not None else None
+            ServingAttention(model, strategy, chunked) if model.attention is not None else None
         )
         # The top MLP's first layer: [interest ‖ query] columns per candidate, the user/context
         # columns once per request (they are the same for every candidate), acting as a bias.

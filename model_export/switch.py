@@ -1,28 +1,30 @@
 """One ONNX graph from two equivalent ones: the first for small candidate lists, the other else.
 
 The serving graph's first attention layer has strategies with different cost shapes
-(serving.ServingAttention). "channel" (and "operand", "dual") build a key-side operand once per
-request, L × H × (E + 1) floats, then do every pair in one GEMM: the best at large N, but at
-small N the operand costs more than the pairs themselves. "product" has no per-request operand
-and costs per pair a little more. Measured on 2026-11-28 (random models as bench/graph.py builds
-them, 1 thread, L = max, the variants interleaved call by call; the 2-core Intel Xeon of
-docs/performance.md), product vs channel, ms:
+(serving.ServingAttention). "channel" scans the history in chunks, building each chunk's part of
+a key-side operand and doing its pairs in one GEMM (chunked.py): the best at large N, but at
+small N its fixed costs (the Scan, the operand) outweigh the pairs. "product" has no per-request
+operand and costs per pair a little more. Measured on 2026-11-28 (random models as
+bench/graph.py builds them, 1 thread, L = max, the two variants interleaved call by call; the
+2-core Intel Xeon of docs/performance.md), product vs channel, ms:
 
-    W1 (E = 128, L = 100)  N = 16: 1.48 vs 3.38; N = 64: 4.18 vs 5.02; N = 100: 6.79 vs 7.34;
-                           N = 150: 14.8 vs 14.1; N = 200: 13.4 vs 12.3
-    W2 (E = 16, L = 50)    N = 32: 0.46 vs 0.49; N = 64: 0.91 vs 0.77; N = 128: 1.94 vs 1.49
+    W1 (E = 128, L = 100)  N = 16: 1.40 vs 3.15; N = 32: 2.61 vs 3.55; N = 48: 4.31 vs 4.79;
+                           N = 64: 3.75 vs 3.70; N = 100: 8.25 vs 7.40
+    W2 (E = 16, L = 50)    N = 16: 0.27 vs 0.42; N = 32: 0.79 vs 1.03; N = 48: 0.67 vs 0.76;
+                           N = 64: 1.45 vs 1.50; N = 100: 2.27 vs 1.68
 
-and on the trained MovieLens model (E = 64, L = 100): N = 64: 3.35 vs 3.32; N = 100: 5.70 vs
-5.75; N = 150: 8.12 vs 7.77; N = 200: 11.1 vs 9.6. The crossover grows with E (the operand's
-cost does), so an exported serving graph holds both, behind an ONNX If on N at
-small_candidates(E) = max(32, E). Both branches read the graph inputs from the outer scope and
-end in the same output; the parity check and the manifest's golden cases run candidate lists on
-both sides of the threshold. The If itself costs nothing measurable (an onnxruntime profile at
-200 x 100: 22.42 ms per run with it, 22.43 without; 10 x 50: 0.309 against 0.302 ms).
+and on the trained MovieLens model (E = 64, L = 100): N = 32: 2.36 vs 2.67; N = 48: 3.70 vs
+3.60; N = 64: 4.57 vs 4.26; N = 100: 7.39 vs 5.83. So an exported serving graph holds both,
+behind an ONNX If on N at SMALL_CANDIDATES, between the crossovers (48-64). Both branches read
+the graph inputs from the outer scope and end in the same output; the parity check and the
+manifest's golden cases run candidate lists on both sides of the threshold. The If itself costs
+nothing measurable (an onnxruntime profile at 200 x 100: 22.42 ms per run with it, 22.43
+without; 10 x 50: 0.309 against 0.302 ms).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
@@ -31,13 +33,8 @@ from onnx import helper, numpy_helper
 
 _Named = TypeVar("_Named", onnx.TensorProto, onnx.ValueInfoProto)
 
-# Fewest candidates the large-N branch is ever chosen above (module docstring: W2's crossover).
-MIN_SMALL_CANDIDATES = 32
-
-
-def small_candidates(embedding_dim: int) -> int:
-    """The If takes the "product" branch when N <= this (module docstring: the crossovers)."""
-    return max(MIN_SMALL_CANDIDATES, embedding_dim)
+# The If takes the "product" branch when N <= this (module docstring: the crossovers).
+SMALL_CANDIDATES = 48
 
 _N = "switch/candidates"
 _LIMIT = "switch/small_limit"
@@ -45,12 +42,12 @@ _IS_SMALL = "switch/is_small"
 
 
 def _branch(model: onnx.ModelProto, prefix: str, outer: set[str]) -> onnx.GraphProto:
-    """model's graph as an If branch: every internal name prefixed, graph inputs read from outer."""
+    """model's graph as an If branch: every internal name prefixed, graph inputs read from outer.
+
+    Subgraphs (a Scan's body, chunked.py) are copied with the same renaming: their own names get
+    the prefix too, and their references to the branch's values follow those values' new names.
+    """
     graph = model.graph
-    for node in graph.node:
-        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-               for a in node.attribute):
-            raise ValueError(f"{prefix}: node {node.name} has a subgraph; cannot nest it")
     internal = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
     internal.discard("")
 
@@ -61,26 +58,58 @@ def _branch(model: onnx.ModelProto, prefix: str, outer: set[str]) -> onnx.GraphP
             raise ValueError(f"{prefix}: {name!r} is neither an input nor produced in the graph")
         return name
 
-    nodes = []
-    for node in graph.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = f"{prefix}/{node.name}"
-        copy.ClearField("input")
-        copy.ClearField("output")
-        copy.input.extend(rename(i) for i in node.input)
-        copy.output.extend(rename(o) for o in node.output)
-        nodes.append(copy)
+    def rename_nested(name: str) -> str:
+        return name if not name or name in outer else f"{prefix}/{name}"
 
-    def renamed(proto: _Named) -> _Named:
-        copy = type(proto)()
-        copy.CopyFrom(proto)
-        copy.name = rename(proto.name)
-        return copy
-
-    initializers = [renamed(init) for init in graph.initializer]
-    outputs = [renamed(out) for out in graph.output]
+    nodes = [_renamed_node(node, prefix, rename, rename_nested) for node in graph.node]
+    initializers = [_renamed(init, rename) for init in graph.initializer]
+    outputs = [_renamed(out, rename) for out in graph.output]
     return helper.make_graph(nodes, prefix, inputs=[], outputs=outputs, initializer=initializers)
+
+
+def _renamed(proto: _Named, rename: Callable[[str], str]) -> _Named:
+    copy = type(proto)()
+    copy.CopyFrom(proto)
+    copy.name = rename(proto.name)
+    return copy
+
+
+def _renamed_node(
+    node: onnx.NodeProto, prefix: str, rename: Callable[[str], str],
+    rename_nested: Callable[[str], str],
+) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.name = f"{prefix}/{node.name or node.output[0]}"
+    copy.ClearField("input")
+    copy.ClearField("output")
+    copy.input.extend(rename(i) for i in node.input)
+    copy.output.extend(rename(o) for o in node.output)
+    for attribute in copy.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            attribute.g.CopyFrom(_renamed_graph(attribute.g, prefix, rename_nested))
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            graphs = [_renamed_graph(g, prefix, rename_nested) for g in attribute.graphs]
+            attribute.ClearField("graphs")
+            attribute.graphs.extend(graphs)
+    return copy
+
+
+def _renamed_graph(
+    graph: onnx.GraphProto, prefix: str, rename: Callable[[str], str]
+) -> onnx.GraphProto:
+    """A subgraph with every name but the model's inputs prefixed (rename)."""
+    copy = onnx.GraphProto()
+    copy.CopyFrom(graph)
+    copy.name = f"{prefix}/{graph.name}"
+    for field in ("input", "output", "value_info", "initializer"):
+        renamed = [_renamed(v, rename) for v in getattr(graph, field)]
+        copy.ClearField(field)  # type: ignore[arg-type]
+        getattr(copy, field).extend(renamed)
+    nodes = [_renamed_node(node, prefix, rename, rename) for node in graph.node]
+    copy.ClearField("node")
+    copy.node.extend(nodes)
+    return copy
 
 
 def switch_on_candidates(

@@ -22,7 +22,7 @@ from model_export.export import (
     session,
     switch_plan,
 )
-from model_export.switch import small_candidates, switch_on_candidates, taken_branch
+from model_export.switch import SMALL_CANDIDATES, switch_on_candidates, taken_branch
 
 
 def test_auto_export_is_switched_between_product_and_the_large_strategy(
@@ -33,7 +33,7 @@ def test_auto_export_is_switched_between_product_and_the_large_strategy(
     assert plan is not None and plan["small_strategy"] == "product"
     limit = plan["max_small_candidates"]
     assert plan["large_strategy"] == "channel"
-    assert limit == small_candidates(model.config.embedding_dim)
+    assert limit == SMALL_CANDIDATES
     path = tmp_path / "serving.onnx"
     export_onnx(model, path)
     graph = onnx.load(str(path))
