@@ -67,17 +67,19 @@ def chunk_pair_scores(model: onnx.ModelProto, pairs: ChannelPairs, opset: int) -
         helper.make_node("Max", [name("chunks_raw"), name("one")], [name("chunks")]),
         helper.make_node("Mul", [name("chunks"), name("chunk")], [name("padded_length")]),
         helper.make_node("Sub", [name("padded_length"), name("length")], [name("padding")]),
-        helper.make_node("Concat", [name("zero"), name("zero"), name("padding"), name("zero")],
-                         [name("pads")], axis=0),
-        helper.make_node("Concat", [name("chunks"), name("chunk"), name("minus_one")],
-                         [name("chunked_shape")], axis=0),
+        # Pads for the rank-3 inputs (L, 1, E) and (L, H, 1): zero rows after the last one.
+        helper.make_node("Concat", [name("zero"), name("zero"), name("zero"), name("padding"),
+                                    name("zero"), name("zero")], [name("pads")], axis=0),
     ]
     scan_inputs = []
     for base, value in (("keys", keys), ("key_bias", key_bias)):
-        # (L, ·) -> zero rows up to whole chunks -> (chunks, chunk, ·)
+        # (L, a, b) -> zero rows up to whole chunks -> (chunks, chunk, a, b)
         nodes += [
             helper.make_node("Pad", [value, name("pads")], [name(f"{base}_padded")]),
-            helper.make_node("Reshape", [name(f"{base}_padded"), name("chunked_shape")],
+            helper.make_node("Shape", [value], [name(f"{base}_tail")], start=1),
+            helper.make_node("Concat", [name("chunks"), name("chunk"), name(f"{base}_tail")],
+                             [name(f"{base}_shape")], axis=0),
+            helper.make_node("Reshape", [name(f"{base}_padded"), name(f"{base}_shape")],
                              [name(f"{base}_chunked")]),
         ]
         scan_inputs.append(name(f"{base}_chunked"))
@@ -109,7 +111,7 @@ def chunk_pair_scores(model: onnx.ModelProto, pairs: ChannelPairs, opset: int) -
 def _body(pairs: ChannelPairs, query_t: str, opset: int) -> onnx.GraphProto:
     """ChannelPairs traced on its own as a Scan body: one chunk in, query_t from outside."""
     e = pairs.pair_weight.shape[1]
-    sample = (torch.zeros(2, e), torch.zeros(2, pairs.hidden), torch.zeros(e + 1, 3))
+    sample = (torch.zeros(2, 1, e), torch.zeros(2, pairs.hidden, 1), torch.zeros(e + 1, 3))
     with tempfile.TemporaryDirectory(prefix="dinserve-chunk-") as tmp:
         path = Path(tmp, "pairs.onnx")
         with torch.inference_mode(), warnings.catch_warnings():
@@ -144,9 +146,9 @@ def _body(pairs: ChannelPairs, query_t: str, opset: int) -> onnx.GraphProto:
         copy.CopyFrom(init)
         copy.name = rename(init.name)
         initializers.append(copy)
-    inputs = [helper.make_tensor_value_info(rename("keys"), onnx.TensorProto.FLOAT, [None, e]),
+    inputs = [helper.make_tensor_value_info(rename("keys"), onnx.TensorProto.FLOAT, [None, 1, e]),
               helper.make_tensor_value_info(rename("key_bias"), onnx.TensorProto.FLOAT,
-                                            [None, pairs.hidden])]
+                                            [None, pairs.hidden, 1])]
     (out,) = traced.output
     outputs = [helper.make_tensor_value_info(rename(out.name), onnx.TensorProto.FLOAT,
                                              [None, 1, None])]

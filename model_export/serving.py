@@ -276,10 +276,11 @@ class ServingAttention(nn.Module):
         """The "channel" strategy: query (N, E), keys (L, E) -> interest (N, E)."""
         n = query.shape[0]
         query_t = torch.cat([query, query.new_ones(n, 1)], dim=1).t()  # [q ‖ 1]ᵀ (E+1, N)
-        scores = self.pairs(keys, key_bias, query_t)  # (L, 1, N)
+        inputs = (keys.unsqueeze(1), key_bias.unsqueeze(2), query_t)  # (L, 1, E), (L, H, 1)
+        scores = self.pairs(*inputs)  # (L, 1, N)
         if self.pairs.chunked and torch.onnx.is_in_onnx_export():
-            scores = PairScores.apply(keys, key_bias, query_t, scores)  # one node, for chunked.py
-        scores = scores.reshape(-1, n).t()  # (N, L)        scores = scores.t()  # (N, L)
+            scores = PairScores.apply(*inputs, scores)  # one node, for chunked.py
+        scores = scores.reshape(-1, n).t()  # (N, L)
         weights = normalize_attention(scores, mask.unsqueeze(0), self.normalization)  # (N, L)
         return weights @ keys  # (N, E)
 
@@ -330,10 +331,13 @@ class ChannelPairs(nn.Module):
     def forward(
         self, keys: torch.Tensor, key_bias: torch.Tensor, query_t: torch.Tensor
     ) -> torch.Tensor:
-        """keys (l, E), key bias (l, H), query_t (E+1, N) = [q ‖ 1]ᵀ -> scores (l, 1, N)."""
+        """keys (l, 1, E), key bias (l, H, 1), query_t (E+1, N) = [q ‖ 1]ᵀ -> scores (l, 1, N).
+
+        The inputs come with their broadcast axes: inside a Scan an Unsqueeze per chunk costs
+        a kernel launch per chunk."""
         # K[l, h] = [k[l] ⊙ W4[h] + (W1 + W3)[h] ‖ key bias[l, h]]: (l, H, E+1).
-        operand = keys.unsqueeze(1) * self.pair_weight + self.query_weight  # (l, H, E)
-        operand = torch.cat([operand, key_bias.unsqueeze(2)], dim=2)
+        operand = keys * self.pair_weight + self.query_weight  # (l, H, E)
+        operand = torch.cat([operand, key_bias], dim=2)
         x = self.first_activation(operand @ query_t, channels_first=True)  # (l, H, N)
         for layer in self.rest:
             assert isinstance(layer, FoldedDense)
