@@ -1,20 +1,20 @@
 """The "channel" strategy's per-pair block as an ONNX Scan over chunks of the history.
 
 onnxruntime runs a graph one operator at a time over whole tensors. At W1 the pair tensors of
-the attention unit are L × H × N = 100 × 80 × 200 floats (6.4 MB): every element-wise pass of
-Dice and every 1x1 convolution reads and writes them from memory, not cache. Scanning over a few
-behaviours at a time keeps one chunk's tensors (CHUNK_FLOATS floats, 256 KB) in the core's cache
-from the GEMM that makes them to the scores that leave. Measured on the attention core alone
-(one thread, interleaved; 2-core Intel Xeon, 2026-11-28): 0.60-0.65 of the unchunked time at
-W1 (H = 80, N = 200), at W2 (H = 64, N = 500) and on the bundled model's sizes, best at chunks
-of 32k-80k floats; 0.75-0.82 at 4-5x that.
+the attention unit are L × H × N = 100 × 80 × 200 floats (6.4 MB): the GEMM writes them to
+memory and every element-wise pass of Dice and every 1x1 convolution reads them back from there.
+Scanning over a few behaviours at a time keeps one chunk's tensors (at most CHUNK_FLOATS floats,
+256 KB) in the core's cache from the key-side operand to the scores. Measured in whole serving
+graphs (one thread, interleaved; 2-core Intel Xeon, 2026-11-28): 0.65 of the unchunked channel
+graph's time at W1, 0.57 at W2; docs/performance.md has the chunk-size sweep.
 
 serving.ServingAttention marks the block in the traced graph with one
-dinserve::ChannelPairScores(operand, query_t) node (serving.PairScores). chunk_pair_scores
-replaces it with: the operand's rows padded with zero rows to whole chunks, a Scan whose body is
-the block itself traced on its own (serving.ChannelPairs, one chunk per iteration, query_t read
-from the outer scope), and the padding's rows cut off the stacked scores. The chunk length in
-behaviours is computed in the graph from N, so one graph suits every candidate count.
+dinserve::ChannelPairScores(keys, key_bias, query_t) node (serving.PairScores). chunk_pair_scores
+replaces it with: keys (L, 1, E) and key bias (L, H, 1) padded with zero rows to whole chunks and
+reshaped to (chunks, chunk, ...), a Scan whose body is the block itself traced on its own
+(serving.ChannelPairs: one chunk per iteration, query_t read from the outer scope), and the
+padding's rows cut off the stacked scores. The chunk length in behaviours is computed in the
+graph from N, so one graph suits every candidate count.
 """
 
 from __future__ import annotations
