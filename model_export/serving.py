@@ -171,8 +171,8 @@ class ServingAttention(nn.Module):
       per-channel constants broadcast over contiguous runs of N, and each later layer is a 1x1
       convolution with its bias inside the kernel. Exported as a Scan over chunks of a few
       behaviours, K included (chunked.py), so that the pair tensors stay in cache: the fastest
-      at large N with one intra-op thread. K costs more per request than "operand"'s operand, so
-      small N goes to "product" (switch.py).
+      at large N with one intra-op thread. At small N its fixed costs (the Scan, K) outweigh the
+      pairs, and the switched export uses "product" there (switch.py).
     - "operand": the pairs row-major, (N·L, H): one GEMM [q ‖ 1] @ K, the four-op Dice, Gemms.
     - "dual": two GEMMs over the "operand" operand, one with the sigmoid fused (onnxruntime's
       FusedGemm): p = σ(u) and d = u − c directly; Dice·(a/β) = d ⊙ p + γ ⊙ d, and the linear
@@ -182,7 +182,7 @@ class ServingAttention(nn.Module):
     - "product": materialises q ⊙ k as (N·L, E) and multiplies it by W4ᵀ: no per-request
       operand, the cheapest at small N (the switched export's small branch).
     - "auto": "channel". Measured by `dinserve bench` (1 intra-op thread, 2-core Intel Xeon,
-      2026-11-28): at W1 "channel" took 0.72 of "operand"'s time, at W2 0.61 of "dual"'s; with 2
+      2026-11-28): at W1 "channel" took 0.74 of "operand"'s time, at W2 0.61 of "dual"'s; with 2
       intra-op threads per call it lost 0-12% to them (docs/performance.md).
     """
 
