@@ -29,6 +29,7 @@ import torch
 from onnx import helper, numpy_helper
 
 from model_export.serving import ChannelPairs, PairScores
+from model_export.switch import renamed, renamed_node
 
 # Floats in one chunk's largest pair tensor (l × H × N); the chunk length l follows from it.
 CHUNK_FLOATS = 65536
@@ -130,22 +131,8 @@ def _body(pairs: ChannelPairs, query_t: str, opset: int) -> onnx.GraphProto:
             return query_t  # the outer graph's value: a scan-invariant input
         return f"{_PREFIX}/body/{s}" if s else s
 
-    nodes = []
-    for node in traced.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = rename(node.name or node.output[0])
-        copy.ClearField("input")
-        copy.ClearField("output")
-        copy.input.extend(rename(i) for i in node.input)
-        copy.output.extend(rename(o) for o in node.output)
-        nodes.append(copy)
-    initializers = []
-    for init in traced.initializer:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(init)
-        copy.name = rename(init.name)
-        initializers.append(copy)
+    nodes = [renamed_node(node, f"{_PREFIX}/body", rename, rename) for node in traced.node]
+    initializers = [renamed(init, rename) for init in traced.initializer]
     inputs = [helper.make_tensor_value_info(rename("keys"), onnx.TensorProto.FLOAT, [None, 1, e]),
               helper.make_tensor_value_info(rename("key_bias"), onnx.TensorProto.FLOAT,
                                             [None, pairs.hidden, 1])]

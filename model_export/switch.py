@@ -61,23 +61,26 @@ def _branch(model: onnx.ModelProto, prefix: str, outer: set[str]) -> onnx.GraphP
     def rename_nested(name: str) -> str:
         return name if not name or name in outer else f"{prefix}/{name}"
 
-    nodes = [_renamed_node(node, prefix, rename, rename_nested) for node in graph.node]
-    initializers = [_renamed(init, rename) for init in graph.initializer]
-    outputs = [_renamed(out, rename) for out in graph.output]
+    nodes = [renamed_node(node, prefix, rename, rename_nested) for node in graph.node]
+    initializers = [renamed(init, rename) for init in graph.initializer]
+    outputs = [renamed(out, rename) for out in graph.output]
     return helper.make_graph(nodes, prefix, inputs=[], outputs=outputs, initializer=initializers)
 
 
-def _renamed(proto: _Named, rename: Callable[[str], str]) -> _Named:
+def renamed(proto: _Named, rename: Callable[[str], str]) -> _Named:
+    """A copy of an initializer or value info under rename(its name)."""
     copy = type(proto)()
     copy.CopyFrom(proto)
     copy.name = rename(proto.name)
     return copy
 
 
-def _renamed_node(
+def renamed_node(
     node: onnx.NodeProto, prefix: str, rename: Callable[[str], str],
     rename_nested: Callable[[str], str],
 ) -> onnx.NodeProto:
+    """A copy of node named prefix/its name, inputs and outputs through rename, and the names
+    inside its subgraphs (If branches, Scan bodies) through rename_nested."""
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
     copy.name = f"{prefix}/{node.name or node.output[0]}"
@@ -103,10 +106,10 @@ def _renamed_graph(
     copy.CopyFrom(graph)
     copy.name = f"{prefix}/{graph.name}"
     for field in ("input", "output", "value_info", "initializer"):
-        renamed = [_renamed(v, rename) for v in getattr(graph, field)]
+        values = [renamed(v, rename) for v in getattr(graph, field)]
         copy.ClearField(field)  # type: ignore[arg-type]
-        getattr(copy, field).extend(renamed)
-    nodes = [_renamed_node(node, prefix, rename, rename) for node in graph.node]
+        getattr(copy, field).extend(values)
+    nodes = [renamed_node(node, prefix, rename, rename) for node in graph.node]
     copy.ClearField("node")
     copy.node.extend(nodes)
     return copy
