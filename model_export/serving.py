@@ -223,8 +223,7 @@ class ServingAttention(nn.Module):
             strategy = "operand"
         self.strategy = strategy
         if strategy == "channel":
-            self.pairs = ChannelPairs(self)
-            self.pairs.chunked = chunked
+            self.pairs = ChannelPairs(self, chunked)
         if strategy == "dual":
             following = self.rest[0]
             assert isinstance(following, FoldedDense)
@@ -319,14 +318,14 @@ class ChannelPairs(nn.Module):
     pair_weight: torch.Tensor
     query_weight: torch.Tensor
 
-    def __init__(self, attention: ServingAttention) -> None:
+    def __init__(self, attention: ServingAttention, chunked: bool = True) -> None:
         super().__init__()
         self.first_activation = attention.first_activation
         self.rest = attention.rest
         self.hidden = attention.hidden  # H, the first layer's units
         self.register_buffer("pair_weight", attention.pair_weight.t().contiguous())  # (H, E)
         self.register_buffer("query_weight", attention.query_weight.t().contiguous())  # (H, E)
-        self.chunked = True  # exported as a Scan over history chunks (model_export/chunked.py)
+        self.chunked = chunked  # exported as a Scan over history chunks (model_export/chunked.py)
 
     def forward(
         self, keys: torch.Tensor, key_bias: torch.Tensor, query_t: torch.Tensor
