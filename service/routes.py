@@ -126,14 +126,15 @@ _SCORE_DOC: dict[str, Any] = {
         503: {"description": "Redis unavailable and CTR_REDIS_POLICY=fail"},
     },
 )
-async def score(
-    request: Request,
-    settings: SettingsDep,
-    holder: HolderDep,
-    store: HistoryDep,
-    metrics: MetricsDep,
-) -> Response:
+async def score(request: Request) -> Response:
     """Score N candidates for one user against the user's Redis history; scores in request order."""
+    # The lifespan state is read here rather than through Depends(): FastAPI's dependency solving
+    # took ~9% of the event loop's time per /score under load (docs/performance.md).
+    state = request.state
+    settings: Settings = state.settings
+    holder: ModelHolder = state.holder
+    store: HistoryStore = state.history
+    metrics: Metrics = state.metrics
     req = await read_score_request(request, settings)
     model = holder.model  # pinned: a reload during this request does not affect it
     space = model.space
@@ -190,13 +191,16 @@ async def read_score_request(request: Request, settings: Settings) -> ScoreReque
     "/bench/noop",
     include_in_schema=False,  # off in production: not part of the public API (docs/openapi.json)
 )
-async def bench_noop(request: Request, settings: SettingsDep, holder: HolderDep) -> Response:
+async def bench_noop(request: Request) -> Response:
     """/score without Redis or inference: same parsing and limits, same-shaped answer (zeros).
 
     The reference for issue 5's small-request line (docs/performance.md): what a request costs
     the service when only HTTP, validation and the JSON answer remain. Off unless
-    CTR_BENCH_ENDPOINTS=true.
+    CTR_BENCH_ENDPOINTS=true. Reads the state the way /score does, so that the two differ only
+    by what /score does beyond parsing.
     """
+    settings: Settings = request.state.settings
+    holder: ModelHolder = request.state.holder
     if not settings.bench_endpoints:
         raise NotFound("bench endpoints are off: set CTR_BENCH_ENDPOINTS=true to enable them")
     req = await read_score_request(request, settings)
