@@ -52,6 +52,7 @@ from model_export.export import (  # noqa: E402
 )
 from model_export.serving import ServingAttention, ServingDIN  # noqa: E402
 from model_export.switch import taken_branch  # noqa: E402
+from service.model import chunk_feeds  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -215,9 +216,12 @@ def time_round_robin(variants: list[Variant], repeats: int, warmup: int) -> None
             v.samples.append(time.perf_counter() - start)
 
 
-def ort_call(sess: ort.InferenceSession, feeds: Feeds) -> Callable[[], NDArray[np.float32]]:
+def ort_call(
+    sess: ort.InferenceSession, feeds: Feeds, intra_op_threads: int = 1
+) -> Callable[[], NDArray[np.float32]]:
     names = [i.name for i in sess.get_inputs()]
-    bound = {name: feeds[name] for name in names}
+    # What the service feeds besides the request: the chunked graph's chunk size, by threads.
+    bound = {**{name: feeds[name] for name in names}, **chunk_feeds(sess, intra_op_threads)}
     outputs = [sess.get_outputs()[0].name]
 
     def call() -> NDArray[np.float32]:
@@ -292,7 +296,7 @@ def bench_workload(
         torch.set_num_threads(threads)
         sessions = {name: session(path, threads) for name, path in paths.items()}
         variants = [
-            Variant(name, ort_call(sessions[name], tiled if name == "naive" else feeds),
+            Variant(name, ort_call(sessions[name], tiled if name == "naive" else feeds, threads),
                     flops[name])
             for name in paths if name != "roofline"
         ]

@@ -15,6 +15,12 @@ reshaped to (chunks, chunk, ...), a Scan whose body is the block itself traced o
 (serving.ChannelPairs: one chunk per iteration, query_t read from the outer scope), and the
 padding's rows cut off the stacked scores. The chunk length in behaviours is computed in the
 graph from N, so one graph suits every candidate count.
+
+The chunk size is the graph input CHUNK_INPUT with CHUNK_FLOATS as its default (an overridable
+initializer: onnxruntime lists it apart from the required inputs and uses the default unless the
+caller feeds it). Chunks in L2 are what one thread wants; with two intra-op threads one chunk of
+the whole history is faster (its operators are large enough to split): the service feeds that
+when it runs more than one (service/model.py, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from model_export.switch import renamed, renamed_node
 
 # Floats in one chunk's largest pair tensor (l × H × N); the chunk length l follows from it.
 CHUNK_FLOATS = 65536
+CHUNK_INPUT = "chunk_floats"  # the optional graph input that overrides CHUNK_FLOATS
 _PREFIX = "pairs"
 
 
@@ -50,14 +57,13 @@ def chunk_pair_scores(model: onnx.ModelProto, pairs: ChannelPairs, opset: int) -
     def name(s: str) -> str:
         return f"{_PREFIX}/{s}"
 
-    constants = {"hidden": pairs.hidden, "chunk_floats": CHUNK_FLOATS, "zero": 0, "one": 1,
-                 "minus_one": -1}
+    constants = {"hidden": pairs.hidden, "zero": 0, "one": 1, "minus_one": -1}
     nodes = [
         helper.make_node("Shape", [keys], [name("length")], start=0, end=1),
         helper.make_node("Shape", [query_t], [name("n")], start=1, end=2),
         # Behaviours per chunk: as many as fit CHUNK_FLOATS at this N, at least 1, at most L.
         helper.make_node("Mul", [name("hidden"), name("n")], [name("per_behaviour")]),
-        helper.make_node("Div", [name("chunk_floats"), name("per_behaviour")], [name("fit")]),
+        helper.make_node("Div", [CHUNK_INPUT, name("per_behaviour")], [name("fit")]),
         helper.make_node("Max", [name("length"), name("one")], [name("length_or_one")]),
         helper.make_node("Min", [name("fit"), name("length_or_one")], [name("fit_capped")]),
         helper.make_node("Max", [name("fit_capped"), name("one")], [name("chunk")]),
@@ -102,6 +108,10 @@ def chunk_pair_scores(model: onnx.ModelProto, pairs: ChannelPairs, opset: int) -
     graph.ClearField("node")
     graph.node.extend(kept[:at] + nodes + kept[at:])
     graph.initializer.extend(initializers)
+    graph.input.append(helper.make_tensor_value_info(CHUNK_INPUT, onnx.TensorProto.INT64, [1]))
+    graph.initializer.append(
+        numpy_helper.from_array(np.array([CHUNK_FLOATS], dtype=np.int64), CHUNK_INPUT)
+    )
     imports = [o for o in model.opset_import if o.domain != PairScores.DOMAIN]
     model.ClearField("opset_import")
     model.opset_import.extend(imports)

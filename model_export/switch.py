@@ -46,10 +46,12 @@ def _branch(model: onnx.ModelProto, prefix: str, outer: set[str]) -> onnx.GraphP
 
     Subgraphs (a Scan's body, chunked.py) are copied with the same renaming: their own names get
     the prefix too, and their references to the branch's values follow those values' new names.
+    An input with a default (optional_inputs) stays an input of the outer graph, default and all.
     """
     graph = model.graph
+    optional = set(optional_inputs(model))
     internal = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
-    internal.discard("")
+    internal -= optional | {""}
 
     def rename(name: str) -> str:
         if name in internal:
@@ -62,9 +64,15 @@ def _branch(model: onnx.ModelProto, prefix: str, outer: set[str]) -> onnx.GraphP
         return name if not name or name in outer else f"{prefix}/{name}"
 
     nodes = [renamed_node(node, prefix, rename, rename_nested) for node in graph.node]
-    initializers = [renamed(init, rename) for init in graph.initializer]
+    initializers = [renamed(i, rename) for i in graph.initializer if i.name not in optional]
     outputs = [renamed(out, rename) for out in graph.output]
     return helper.make_graph(nodes, prefix, inputs=[], outputs=outputs, initializer=initializers)
+
+
+def optional_inputs(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Graph inputs that have an initializer of the same name (a default), by name."""
+    defaults = {i.name: i for i in model.graph.initializer}
+    return {i.name: defaults[i.name] for i in model.graph.input if i.name in defaults}
 
 
 def renamed(proto: _Named, rename: Callable[[str], str]) -> _Named:
@@ -121,23 +129,36 @@ def switch_on_candidates(
 ) -> onnx.ModelProto:
     """A model that runs `small` when N (the length of candidates_input) <= small_max, else `large`.
 
-    Both must have the same inputs and outputs (names, types, shapes) and the same opsets.
+    Both must have the same required inputs and outputs (names, types, shapes) and the same
+    opsets. Inputs with a default (optional_inputs: chunked.CHUNK_INPUT) may be in either; the
+    switched graph keeps them as inputs with their defaults, which must agree where both have one.
     """
     def signature(values: object) -> list[str]:
         return [v.SerializeToString().hex() for v in values]  # type: ignore[attr-defined]
 
-    if signature(small.graph.input) != signature(large.graph.input):
+    small_optional, large_optional = optional_inputs(small), optional_inputs(large)
+    optional = {**small_optional, **large_optional}
+    for name in small_optional.keys() & large_optional.keys():
+        if signature([small_optional[name]]) != signature([large_optional[name]]):
+            raise ValueError(f"the two graphs give the input {name!r} different defaults")
+
+    def required(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+        return [i for i in model.graph.input if i.name not in optional]
+
+    if signature(required(small)) != signature(required(large)):
         raise ValueError("the two graphs have different inputs")
     if signature(small.graph.output) != signature(large.graph.output):
         raise ValueError("the two graphs have different outputs")
     if signature(small.opset_import) != signature(large.opset_import):
         raise ValueError("the two graphs import different opsets")
-    inputs = {i.name for i in small.graph.input}
-    if candidates_input not in inputs:
+    declared = {i.name: i for model in (large, small) for i in model.graph.input}
+    inputs = required(small) + [declared[name] for name in sorted(optional)]
+    names = {i.name for i in inputs}
+    if candidates_input not in names:
         raise ValueError(f"no input named {candidates_input!r}")
 
-    then_branch = _branch(small, "small", inputs)
-    else_branch = _branch(large, "large", inputs)
+    then_branch = _branch(small, "small", names)
+    else_branch = _branch(large, "large", names)
     outputs = [o.name for o in small.graph.output]
     nodes = [
         helper.make_node("Shape", [candidates_input], [_N], name="switch/shape", start=0, end=1),
@@ -147,8 +168,8 @@ def switch_on_candidates(
     ]
     limit = numpy_helper.from_array(np.array([small_max], dtype=np.int64), name=_LIMIT)
     graph = helper.make_graph(
-        nodes, "serving_switch", inputs=list(small.graph.input),
-        outputs=list(small.graph.output), initializer=[limit],
+        nodes, "serving_switch", inputs=inputs, outputs=list(small.graph.output),
+        initializer=[limit, *(optional[name] for name in sorted(optional))],
     )
     model = helper.make_model(graph, opset_imports=list(small.opset_import),
                               producer_name=small.producer_name,

@@ -78,3 +78,37 @@ def test_the_switched_graph_nests_the_scan_in_its_large_branch(
     outer = {i for n in body.node for i in n.input if i and i not in local}
     assert outer and outer <= produced_in_branch
     assert all(name.startswith("large/") for name in local | outer)
+
+
+def test_the_chunk_size_is_an_optional_input_that_changes_no_score(
+    tiny_checkpoint: Any, tmp_path: Path
+) -> None:
+    """CHUNK_INPUT is a graph input with CHUNK_FLOATS as its default, at the top of the switched
+    graph too (switch.py hoists it out of the large branch): onnxruntime lists it apart from the
+    required inputs, and any value fed gives the model's scores, on both sides of the switch."""
+    model = tiny_checkpoint.model.eval()
+    path = tmp_path / "serving.onnx"
+    export_onnx(model, path)
+    graph = onnx.load(str(path)).graph
+    defaults = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    assert chunked.CHUNK_INPUT in {i.name for i in graph.input}
+    assert defaults[chunked.CHUNK_INPUT].tolist() == [chunked.CHUNK_FLOATS]
+    sess = session(path)
+    assert chunked.CHUNK_INPUT not in {i.name for i in sess.get_inputs()}
+    assert [i.name for i in sess.get_overridable_initializers()] == [chunked.CHUNK_INPUT]
+    rng = np.random.default_rng(5)
+    top = model.config.max_history_length
+    for length, n in [(top, 3), (top, 120), (top - 3, 300), (0, 60)]:
+        feeds = make_case(model, rng, length=length, n=n, padding=0)
+        want = reference_scores(model, feeds)
+        for chunk_floats in (1, 16 * 5, 1 << 62):
+            (got,) = sess.run([OUTPUT], {**feeds, chunked.CHUNK_INPUT: np.array(
+                [chunk_floats], dtype=np.int64)})
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_the_service_names_the_chunk_input_as_the_exporter_does() -> None:
+    # service/model.py cannot import model_export.chunked (it imports torch).
+    from service.model import CHUNK_INPUT
+
+    assert CHUNK_INPUT == chunked.CHUNK_INPUT

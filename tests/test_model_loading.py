@@ -15,7 +15,7 @@ import pytest
 from service.config import Settings
 from service.errors import BundleRejected, InferenceFailed
 from service.features import FeatureSpace
-from service.model import CTRModel, resolve_bundle, session_options
+from service.model import CHUNK_INPUT, CTRModel, resolve_bundle, session_options
 
 SETTINGS = Settings(warmup_runs=1)
 
@@ -63,6 +63,32 @@ def test_tiny_bundle_loads_self_checks_and_describes_itself(tiny_bundle: Path) -
     assert summary["features"] == {"user": ["age_bucket"], "context": ["device"]}
     assert summary["max_history_length"] == 20 and summary["max_categories"] == 3
     assert {i["name"] for i in summary["inputs"]} == set(model.input_names)
+
+
+def test_more_than_one_intra_op_thread_feeds_the_whole_history_as_one_chunk(
+    tiny_bundle: Path,
+) -> None:
+    """The chunked graph's chunk size (model_export/chunked.py) is left at its default on one
+    thread and set to the whole history on several; the scores are the same either way (and the
+    golden self-check ran through the same feeds)."""
+    one = CTRModel.load(tiny_bundle, Settings(warmup_runs=0, ort_intra_op_threads=1))
+    two = CTRModel.load(tiny_bundle, Settings(warmup_runs=0, ort_intra_op_threads=2))
+    assert one.fixed_feeds == {}
+    assert set(two.fixed_feeds) == {CHUNK_INPUT}
+    assert two.self_check is not None and two.self_check.max_abs_diff <= two.self_check.tolerance
+    space = one.space
+    rng = np.random.default_rng(3)
+    history = rng.integers(2, space.items.size, space.max_history_length)
+    candidates = rng.integers(2, space.items.size, 200)  # the chunked branch (above 48)
+    feeds = {
+        "history_items": history,
+        "history_categories": space.item_categories[history],
+        "candidate_items": candidates,
+        "candidate_categories": space.item_categories[candidates],
+        "user_features": np.zeros(len(space.user_features), dtype=np.int64),
+        "context_features": np.zeros(len(space.context_features), dtype=np.int64),
+    }
+    np.testing.assert_allclose(two.predict(feeds), one.predict(feeds), rtol=0, atol=1e-6)
 
 
 def test_plain_bundle_has_only_the_four_sequence_inputs(plain_bundle: Path) -> None:
