@@ -46,12 +46,12 @@ def _branch(model: onnx.ModelProto, prefix: str, outer: set[str]) -> onnx.GraphP
 
     Subgraphs (a Scan's body, chunked.py) are copied with the same renaming: their own names get
     the prefix too, and their references to the branch's values follow those values' new names.
-    An input with a default (optional_inputs) stays an input of the outer graph, default and all.
+    An initializer named like an outer input is that input's default (optional_inputs): the
+    outer graph holds it, so the branch reads the input from there.
     """
     graph = model.graph
-    optional = set(optional_inputs(model))
     internal = {i.name for i in graph.initializer} | {o for n in graph.node for o in n.output}
-    internal -= optional | {""}
+    internal -= outer | {""}
 
     def rename(name: str) -> str:
         if name in internal:
@@ -64,7 +64,7 @@ def _branch(model: onnx.ModelProto, prefix: str, outer: set[str]) -> onnx.GraphP
         return name if not name or name in outer else f"{prefix}/{name}"
 
     nodes = [renamed_node(node, prefix, rename, rename_nested) for node in graph.node]
-    initializers = [renamed(i, rename) for i in graph.initializer if i.name not in optional]
+    initializers = [renamed(i, rename) for i in graph.initializer if i.name not in outer]
     outputs = [renamed(out, rename) for out in graph.output]
     return helper.make_graph(nodes, prefix, inputs=[], outputs=outputs, initializer=initializers)
 
