@@ -142,12 +142,16 @@ def _decode(replies: list[object], with_profile: bool) -> History:
         # also land here; both mean "no history", and both are counted.
         skip("wrong_type")
     elif isinstance(raw_items, list):
-        for raw in raw_items:
-            text = _text(raw)
-            if text is None:
-                skip("invalid_value")
-            else:
-                items.append(text)
+        clean = _all_text(raw_items)
+        if clean is not None:
+            items = clean
+        else:
+            for raw in raw_items:
+                text = _text(raw)
+                if text is None:
+                    skip("invalid_value")
+                else:
+                    items.append(text)
     profile: dict[str, str] = {}
     if with_profile:
         raw_profile = replies[1]
@@ -163,6 +167,34 @@ def _decode(replies: list[object], with_profile: bool) -> History:
     if not skipped:
         return History(items, profile)
     return History(items, profile, skipped)
+
+
+def _all_text(raws: list[object]) -> list[str] | None:
+    """Every value as _text() would give it, in one decode; None if any value would be skipped.
+
+    One join, one decode and one split instead of a Python call per value (100 values: 23 against
+    6 µs in a hot loop, docs/performance.md). The separator is "\n", which no valid value holds,
+    and UTF-8 decodes the joined bytes exactly when it decodes every value: a value cut inside a
+    multi-byte character is not completed by the ASCII separator after it.
+    """
+    if not raws:
+        return []
+    try:
+        # TypeError for a value that is not bytes (redis-py gives list elements as bytes).
+        joined = b"\n".join(raws)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    if (
+        not all(raws)  # an empty value
+        or joined.count(b"\n") != len(raws) - 1  # a value holding a newline
+        or b"\t" in joined
+        or b"\r" in joined
+    ):
+        return None
+    try:
+        return joined.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        return None
 
 
 def _text(raw: object) -> str | None:

@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 import redis
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dinserve import processes
 from service.errors import HistoryUnavailable
-from service.history import History, HistoryStore, keys, open_client
+from service.history import History, HistoryStore, _decode, _text, keys, open_client
 
 if TYPE_CHECKING:
     from conftest import PrivateRedis
@@ -85,6 +87,28 @@ def test_wrong_type_and_garbage_values_are_skipped_and_counted(
     assert wrong_list_only.items == [] and wrong_list_only.skipped == {"wrong_type": 1}
     assert garbage.items == ["7", "8", "\xe9t\xe9"]
     assert garbage.skipped == {"invalid_value": 3}
+
+
+# Values as Redis may hold them: ids, text with the characters a value may not hold, and bytes
+# that are not UTF-8 (a lone continuation byte, a character cut short, an overlong form).
+_VALUES = st.one_of(
+    st.text(alphabet=st.sampled_from("7a\u00e9\u4e2d\U0001f600\t\n\r \x00"), max_size=4).map(
+        str.encode
+    ),
+    st.sampled_from([b"\xff", b"\x80", b"\xe4\xb8", b"\xc0\xaf", b"ok"]),
+    st.binary(max_size=3),
+)
+
+
+@given(st.lists(_VALUES, max_size=8))
+def test_a_list_decodes_as_its_values_one_by_one(raws: list[bytes]) -> None:
+    # _decode reads a clean list in one decode; the result must be what the value-by-value rule
+    # gives, including which values are skipped and how many.
+    one_by_one = [_text(raw) for raw in raws]
+    history = _decode([raws], with_profile=False)
+    assert history.items == [text for text in one_by_one if text is not None]
+    dropped = one_by_one.count(None)
+    assert history.skipped == ({"invalid_value": dropped} if dropped else {})
 
 
 def test_unreachable_redis_is_history_unavailable_within_the_deadline() -> None:
