@@ -173,7 +173,7 @@ def _all_text(raws: list[object]) -> list[str] | None:
     """Every value as _text() would give it, in one decode; None if any value would be skipped.
 
     One join, one decode and one split instead of a Python call per value (100 values: 23 against
-    6 µs in a hot loop, docs/performance.md). The separator is "\n", which no valid value holds,
+    6-8 µs in a hot loop, docs/performance.md). The separator is "\n", which no valid value holds,
     and UTF-8 decodes the joined bytes exactly when it decodes every value: a value cut inside a
     multi-byte character is not completed by the ASCII separator after it.
     """
