@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from typing import TypedDict
 
 import anyio.to_thread
@@ -23,7 +24,7 @@ from service.errors import BundleRejected, install_error_handlers
 from service.history import HistoryStore, open_client
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestTiming
-from service.model import CTRModel
+from service.model import CTRModel, inference_pool
 from service.overload import GATED_ROUTES, AdmissionControl
 from service.reload import ModelHolder
 from service.routes import router
@@ -38,6 +39,7 @@ class AppState(TypedDict):
     holder: ModelHolder
     history: HistoryStore
     metrics: Metrics
+    inference: Executor  # the threads that run graph calls (model.inference_pool)
 
 
 class StartupError(RuntimeError):
@@ -66,28 +68,35 @@ def create_app(settings: Settings | None = None, *, model: CTRModel | None = Non
             max_connections=settings.redis_max_connections,
         )
         poller: asyncio.Task[None] | None = None
+        threads = inference_pool(settings)
         try:
             store = HistoryStore(client, settings.redis_prefix, settings.redis_deadline_seconds)
             if settings.reload_poll_seconds > 0:
                 poller = asyncio.create_task(holder.poll(settings.reload_poll_seconds))
             logger.info(
-                "serving model %s version %s from %s; ONNX inputs %s; Redis %s (prefix %r, "
-                "deadline %g ms, policy %s)",
+                "serving model %s version %s from %s; ONNX inputs %s; %d inference thread(s); "
+                "Redis %s (prefix %r, deadline %g ms, policy %s)",
                 first.name,
                 first.version,
                 first.directory,
                 ", ".join(first.input_names),
+                settings.inference_thread_count,
                 settings.redis_location,
                 settings.redis_prefix,
                 settings.redis_deadline_ms,
                 settings.redis_policy,
             )
-            yield AppState(settings=settings, holder=holder, history=store, metrics=metrics)
+            yield AppState(
+                settings=settings, holder=holder, history=store, metrics=metrics,
+                inference=threads,
+            )
         finally:
             if poller is not None:
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poller
+            # By now uvicorn has drained the requests; a call still queued has no one waiting.
+            threads.shutdown(wait=False, cancel_futures=True)
             await client.aclose()
             metrics.close()
 

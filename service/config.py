@@ -8,6 +8,7 @@ checks that the table and this class agree.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -75,7 +76,13 @@ class Settings(BaseSettings):
         default=1000,
         ge=0,
         description="a graph call of at most this many candidate x history pairs runs on the "
-        "event loop instead of the threadpool (0 = always the threadpool)",
+        "event loop instead of the inference threads (0 = always the inference threads)",
+    )
+    inference_threads: int = Field(
+        default=0,
+        ge=0,
+        description="threads that run graph calls; more calls wait for one in arrival order "
+        "(0 = the usable cores divided by the intra-op threads per call, at least 1)",
     )
     ort_graph_optimization: GraphOptimization = Field(
         default="all", description="onnxruntime graph optimisation level"
@@ -188,8 +195,25 @@ class Settings(BaseSettings):
         return redact_url(self.redis_url.get_secret_value())
 
     @property
+    def inference_thread_count(self) -> int:
+        """inference_threads, or with 0 as many graph calls at once as the cores hold."""
+        if self.inference_threads:
+            return self.inference_threads
+        cores = usable_cores()
+        per_call = self.ort_intra_op_threads or cores  # 0: onnxruntime's one thread per core
+        return max(1, cores // per_call)
+
+    @property
     def redis_deadline_seconds(self) -> float:
         return self.redis_deadline_ms / 1000.0
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the platform reports one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def redact_url(url: str) -> str:

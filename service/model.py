@@ -9,20 +9,21 @@ the manifest; the golden cases reproduce within their tolerance (the self-check)
 warm-up runs, so the first request does not pay for onnxruntime's lazy allocations.
 
 onnxruntime failures at request time become InferenceFailed here, where they enter. run() blocks,
-so requests go through score(), which runs it in the threadpool.
+so requests go through score(), which runs it on the inference threads (inference_pool()).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
@@ -210,9 +211,14 @@ class CTRModel:
         return result
 
     async def score(
-        self, feeds: dict[str, Int64Array], inline_pairs: int = 0
+        self, feeds: dict[str, Int64Array], threads: Executor, inline_pairs: int = 0
     ) -> NDArray[np.float32]:
-        """predict() in the threadpool, so the event loop keeps serving while onnxruntime runs.
+        """predict() on the inference threads, so the event loop keeps serving meanwhile.
+
+        `threads` is the app's inference pool (inference_pool()): a call beyond its size waits
+        in the pool's queue and runs as soon as a thread finishes, without a round trip through
+        the event loop. A cancelled request (its deadline) drops its call if it has not started;
+        one already running finishes and its result is discarded.
 
         A call of at most `inline_pairs` candidate x history pairs runs on the event loop
         instead: the hop to a worker thread and back (~0.15-0.5 ms on this machine) costs as
@@ -221,7 +227,7 @@ class CTRModel:
         pairs = feeds["candidate_items"].shape[0] * max(feeds["history_items"].shape[0], 1)
         if pairs <= inline_pairs:
             return self.predict(feeds)
-        return await anyio.to_thread.run_sync(self.predict, feeds)
+        return await asyncio.get_running_loop().run_in_executor(threads, self.predict, feeds)
 
     def _run_golden(self) -> SelfCheck:
         golden = self.manifest.get("golden") or {}
@@ -314,6 +320,20 @@ class CTRModel:
             },
             "onnx": m.get("onnx") or {},
         }
+
+
+def inference_pool(settings: Settings) -> ThreadPoolExecutor:
+    """The threads that run graph calls: settings.inference_thread_count of them, FIFO beyond.
+
+    As many calls at once as the cores hold, rather than one thread per request: on 2 cores,
+    4 requests' calls in 4 threads time-slice the cores, each evicting the other's chunk from
+    L2, and a pool gated from the event loop leaves a core idle while the loop hands the next
+    call over. A pool of 2 with its own queue did 5-18 % more W1 requests/s than either, in
+    alternating closed-loop pairs (docs/performance.md).
+    """
+    return ThreadPoolExecutor(
+        max_workers=settings.inference_thread_count, thread_name_prefix="inference"
+    )
 
 
 def chunk_feeds(session: ort.InferenceSession, intra_op_threads: int) -> dict[str, Int64Array]:

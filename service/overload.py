@@ -11,10 +11,10 @@ still cheap to shed.
 A caller may send `X-Request-Deadline-Ms: <ms>`, its remaining budget counted from arrival here.
 A request whose deadline passes while it waits answers 504 `deadline_exceeded` without running;
 one whose deadline passes while it runs is cancelled at that moment (the Redis read is cancel-safe,
-service/history.py; an onnxruntime call already running finishes in its worker thread but its
-result is discarded) and answers 504, rather than a score that the ranking stage has stopped
-waiting for. Once the response has started the deadline no longer applies: a half-sent answer
-would be worse than a late one.
+service/history.py; a graph call still waiting for an inference thread is never started, one
+already running finishes in its thread and its result is discarded) and answers 504, rather than
+a score that the ranking stage has stopped waiting for. Once the response has started the deadline
+no longer applies: a half-sent answer would be worse than a late one.
 
 The body must arrive within `body_timeout` of admission: a client that trickles its body
 (slow-loris) gets 408 and its connection closed, instead of holding a slot for ever.

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,10 +14,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.config import Settings
+from service.config import Settings, usable_cores
 from service.errors import BundleRejected, InferenceFailed
 from service.features import FeatureSpace
-from service.model import CHUNK_INPUT, CTRModel, resolve_bundle, session_options
+from service.model import (
+    CHUNK_INPUT,
+    CTRModel,
+    inference_pool,
+    resolve_bundle,
+    session_options,
+)
 
 SETTINGS = Settings(warmup_runs=1)
 
@@ -89,6 +97,63 @@ def test_more_than_one_intra_op_thread_feeds_the_whole_history_as_one_chunk(
         "context_features": np.zeros(len(space.context_features), dtype=np.int64),
     }
     np.testing.assert_allclose(two.predict(feeds), one.predict(feeds), rtol=0, atol=1e-6)
+
+
+def request_feeds(space: FeatureSpace, n: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    history = rng.integers(2, space.items.size, space.max_history_length)
+    candidates = rng.integers(2, space.items.size, n)
+    return {
+        "history_items": history,
+        "history_categories": space.item_categories[history],
+        "candidate_items": candidates,
+        "candidate_categories": space.item_categories[candidates],
+        "user_features": np.zeros(len(space.user_features), dtype=np.int64),
+        "context_features": np.zeros(len(space.context_features), dtype=np.int64),
+    }
+
+
+def test_inference_threads_default_to_one_call_per_core() -> None:
+    cores = usable_cores()
+    assert Settings(ort_intra_op_threads=1).inference_thread_count == cores
+    assert Settings(ort_intra_op_threads=2).inference_thread_count == max(1, cores // 2)
+    assert Settings(ort_intra_op_threads=0).inference_thread_count == 1  # 0: all cores per call
+    assert Settings(ort_intra_op_threads=4 * cores).inference_thread_count == 1
+    assert Settings(inference_threads=3).inference_thread_count == 3
+
+
+def test_graph_calls_beyond_the_inference_threads_wait_and_can_be_dropped(
+    tiny_bundle: Path,
+) -> None:
+    """With every inference thread busy, a call waits in the pool's queue (it does not get a
+    thread of its own), its request can be cancelled at once (a deadline does not wait for the
+    busy thread), and the next call runs as soon as the thread is free, with the right scores."""
+    model = CTRModel.load(tiny_bundle, Settings(warmup_runs=0))
+    feeds = request_feeds(model.space, 60, seed=5)
+    expected = model.predict(feeds)
+    threads = inference_pool(Settings(inference_threads=1))
+    release = threading.Event()
+
+    async def scenario() -> np.ndarray:
+        busy = asyncio.get_running_loop().run_in_executor(threads, release.wait, 30)
+        dropped = asyncio.create_task(model.score(feeds, threads))
+        queued = asyncio.create_task(model.score(feeds, threads))
+        done, _ = await asyncio.wait({dropped, queued}, timeout=0.3)
+        assert not done  # both wait behind the busy thread
+        dropped.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(dropped, timeout=5)  # while the thread is still busy
+        assert not release.is_set() and not queued.done()
+        release.set()
+        assert await busy
+        return await asyncio.wait_for(queued, timeout=30)
+
+    try:
+        scores = asyncio.run(scenario())
+    finally:
+        release.set()
+        threads.shutdown(wait=True)
+    np.testing.assert_array_equal(scores, expected)
 
 
 def test_plain_bundle_has_only_the_four_sequence_inputs(plain_bundle: Path) -> None:
