@@ -10,6 +10,7 @@ expires requests past their deadline.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from typing import Protocol, cast
 from urllib.parse import urlsplit
@@ -30,17 +31,39 @@ class ConnectionOwner(Protocol):
     def on_lost(self, conn: HttpConnection) -> None: ...
 
 
+# Headers the client writes itself: a caller's own would break the framing or the payload.
+CLIENT_HEADERS = frozenset({"host", "content-type", "content-length", "transfer-encoding",
+                            "connection"})
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    """`Name: value` as given to --header -> (name, value); ValueError saying what is wrong."""
+    name, colon, value = text.partition(":")
+    name, value = name.strip(), value.strip()
+    if not colon or not _TOKEN.fullmatch(name):
+        raise ValueError(f"--header must be 'Name: value' with a token name, got {text!r}")
+    if name.lower() in CLIENT_HEADERS:
+        raise ValueError(f"--header {name}: set by the load tester itself")
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError(f"--header {name}: the value may not hold CR, LF or NUL")
+    return name, value
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where requests go: one http(s) URL, its path defaulting to /score."""
+    """Where requests go: one http(s) URL, its path defaulting to /score, extra headers."""
 
     scheme: str
     host: str
     port: int
     path: str
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def parse(cls, url: str, default_path: str = "/score") -> Target:
+    def parse(
+        cls, url: str, default_path: str = "/score", headers: tuple[tuple[str, str], ...] = ()
+    ) -> Target:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"target URL must be http://host[:port][/path], got {url!r}")
@@ -48,7 +71,7 @@ class Target:
         path = parts.path if parts.path not in ("", "/") else default_path
         if parts.query:
             path = f"{path}?{parts.query}"
-        return cls(parts.scheme, parts.hostname, port, path)
+        return cls(parts.scheme, parts.hostname, port, path, headers)
 
     @property
     def url(self) -> str:
@@ -63,7 +86,8 @@ class Target:
             f"Host: {host}:{self.port}\r\n"
             "User-Agent: dinserve-loadtest\r\n"
             "Content-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in self.headers)
+            + f"Content-Length: {len(body)}\r\n"
             "\r\n"
         )
         return head.encode("ascii") + body

@@ -38,7 +38,7 @@ from bench.loadclient import (
     event_loop_name,
     run_loop,
 )
-from bench.loadhttp import Target
+from bench.loadhttp import Target, parse_header
 from bench.loadpayload import (
     build_bodies,
     items_from_range,
@@ -86,6 +86,7 @@ class LoadSettings:
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     fraction_duration: float = 10.0
     pause: float = 1.0
+    headers: tuple[tuple[str, str], ...] = ()  # extra request headers (--header)
 
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.start_rate <= 0 or self.max_rate <= 0:
@@ -203,7 +204,7 @@ async def _saturation(client: OpenLoopClient, settings: LoadSettings,
 
 async def measure(settings: LoadSettings, bodies: Sequence[bytes]) -> LoadRun:
     """Drive the target as the settings say; returns every recorded phase."""
-    target = Target.parse(settings.url)
+    target = Target.parse(settings.url, headers=settings.headers)
     client = OpenLoopClient(target, bodies, max_connections=settings.max_connections,
                             initial_connections=settings.connections, timeout=settings.timeout,
                             tick=settings.tick_ms / 1000.0, idle_timeout=settings.idle_timeout)
@@ -278,6 +279,7 @@ def settings_from_args(args: argparse.Namespace, url: str) -> LoadSettings:
         max_steps=args.max_steps, p99_limit_ms=args.p99_limit_ms,
         max_error_rate=args.max_error_rate, track_ratio=args.track_ratio, refine=args.refine,
         fractions=fractions, fraction_duration=args.fraction_duration, pause=args.pause,
+        headers=tuple(parse_header(h) for h in args.header),
     )
 
 
@@ -334,6 +336,12 @@ def write_outputs(run_result: LoadRun, settings: LoadSettings, payload: dict[str
     return report
 
 
+def _shown(name: str, value: str) -> str:
+    """A header value as the report may keep it: credentials are not written to disk."""
+    secret = any(word in name.lower() for word in ("auth", "cookie", "token", "key", "secret"))
+    return "<redacted>" if secret else value
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -348,9 +356,13 @@ def run(args: argparse.Namespace) -> int:
     started_at = _now()
     noop = None
     try:
+        settings = settings_from_args(args, args.url)
+    except ValueError as exc:  # a bad option: say which, as argparse would, without a traceback
+        print(f"dinserve loadtest: error: {exc}", file=sys.stderr)
+        return 2
+    try:
         bodies, payload = prepare_payloads(args)
         url = args.url
-        settings = settings_from_args(args, url)
         if args.noop_server:
             noop, url = start_noop_server(_bounded_seconds(settings))
             settings = settings_from_args(args, url)
@@ -365,6 +377,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out or f"reports/loadtest/{started_at.replace(':', '')}")
     config = _jsonable({k: v for k, v in vars(args).items() if k != "handler"})
     config["url"] = settings.url
+    config["header"] = [f"{name}: {_shown(name, value)}" for name, value in settings.headers]
     report = write_outputs(result, settings, payload, out_dir, started_at=started_at,
                            loop=args.loop, picture=not args.no_picture, config=config)
     print(format_table(result.phases))

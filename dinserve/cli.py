@@ -223,6 +223,9 @@ def _add_loadtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="the sender wakes at most this often and sends what is due; the wait is "
                         "counted in latency and reported as dispatch_lag. 0 sends on time but "
                         "spins a CPU core at high rates (default: %(default)s)")
+    p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="an extra header on every request, e.g. 'X-Request-Deadline-Ms: 50' or "
+                        "'Authorization: Bearer ...'; repeatable")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="client event loop (default: %(default)s = uvloop when installed)")

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bench.loadclient import PhaseResult, arrival_offsets, run_loop
-from bench.loadhttp import Target
+from bench.loadhttp import Target, parse_header
 from bench.loadpayload import (
     build_bodies,
     items_from_range,
@@ -49,6 +49,7 @@ SLOW_SECONDS = 0.02    # /slow serves one request at a time: at most 50 per seco
 class ServerState:
     counts: dict[str, int] = field(default_factory=dict)
     statuses: dict[str, dict[int, int]] = field(default_factory=dict)
+    deadlines: dict[str | None, int] = field(default_factory=dict)  # X-Request-Deadline-Ms seen
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def seen(self, route: str) -> int:
@@ -66,6 +67,9 @@ def make_app(state: ServerState) -> Starlette:
     async def score(request: Request) -> Response:
         await request.body()
         state.seen("score")
+        deadline = request.headers.get("x-request-deadline-ms")
+        with state.lock:
+            state.deadlines[deadline] = state.deadlines.get(deadline, 0) + 1
         return JSONResponse(SCORE)
 
     async def flaky(request: Request) -> Response:
@@ -162,6 +166,25 @@ def test_request_count_follows_rate_times_duration(server: LiveServer) -> None:
     assert phase.latency.get_total_count() == 200
     assert phase.history_lengths and set(phase.history_lengths) == {3}
     assert set(phase.model_versions) == {"7"}
+
+
+def test_extra_headers_go_with_every_request(server: LiveServer) -> None:
+    headers = (parse_header("X-Request-Deadline-Ms: 50"),)
+    phase = load(replace(QUICK, url=f"{server.base}/score", rate=100, duration=0.5,
+                         headers=headers))
+    assert phase.ok == 50
+    assert server.state.deadlines == {"50": 50}
+
+
+def test_a_bad_option_is_a_clear_error_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    base = ["loadtest", "--noop-server", "--duration", "0.5", "--out", str(tmp_path)]
+    assert cli_main([*base, "--header", "Content-Length: 9"]) == 2
+    assert "--header Content-Length: set by the load tester" in capsys.readouterr().err
+    assert cli_main([*base, "--step-factor", "0.5"]) == 2
+    assert "--step-factor must be > 1" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
 
 
 def test_poisson_arrivals_are_bounded_by_duration_and_cap() -> None:
@@ -350,6 +373,14 @@ def test_target_parsing() -> None:
     assert request.endswith(b"Content-Length: 2\r\n\r\n{}")
     with pytest.raises(ValueError, match="http://"):
         Target.parse("ftp://host/score")
+    assert parse_header(" X-Request-Deadline-Ms :  50 ") == ("X-Request-Deadline-Ms", "50")
+    assert parse_header("Authorization: Bearer a:b") == ("Authorization", "Bearer a:b")
+    for bad in ("no colon", "Bad Name: 1", ": 1", "Host: x", "X-A: 1\r\nX-B: 2"):
+        with pytest.raises(ValueError, match="--header"):
+            parse_header(bad)
+    with_headers = Target.parse("http://127.0.0.1:8000", headers=(("X-A", "1"), ("X-B", "2")))
+    assert b"\r\nX-A: 1\r\nX-B: 2\r\n" in with_headers.encode_post(b"{}")
+    assert with_headers.encode_post(b"{}").endswith(b"Content-Length: 2\r\n\r\n{}")
 
 
 def test_payloads_from_a_bundle_items_file(tmp_path: Path) -> None:
