@@ -225,9 +225,16 @@ class AdmissionControl:
         async def tracked_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
-                started = True
                 if timeout is not None:
+                    if timeout.expired():
+                        # The deadline fired but its cancellation did not stop the app (something
+                        # swallowed it, or a result landed in the same loop turn): answer the 504
+                        # now, before a byte of this answer is sent. A pending cancellation lands
+                        # at the checkpoint; otherwise the TimeoutError says the same.
+                        await asyncio.sleep(0)
+                        raise TimeoutError
                     timeout.reschedule(None)  # never cut an answer in half
+                started = True
             await send(message)
 
         if deadline_at is None:

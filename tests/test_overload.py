@@ -232,6 +232,32 @@ def test_a_started_answer_is_never_cut_by_the_deadline() -> None:
     asyncio.run(scenario())
 
 
+def test_a_deadline_that_fires_as_the_answer_starts_is_a_504_not_a_500() -> None:
+    """The deadline's cancellation is swallowed inside the app (a library that catches it, or a
+    result that lands in the same loop turn as the deadline), so the app starts its answer with
+    the deadline already expiring. That answer must become the 504, not a 500 ("Cannot change
+    state of expiring Timeout", seen under overload: docs/performance.md)."""
+
+    async def swallowing(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            pass  # what some code does with a cancellation it did not expect
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b'{"ok": true}'})
+
+    async def scenario() -> None:
+        app = gate(swallowing, max_in_flight=1)
+        status, _, body = await asyncio.wait_for(
+            call(app, headers={DEADLINE_HEADER: "30"}), timeout=5.0)
+        assert status == 504 and body["error"] == "deadline_exceeded"
+        assert app.running == 0
+        status, _, body = await call(app, headers={DEADLINE_HEADER: "5000"})
+        assert status == 200 and body == {"ok": True}  # the gate keeps serving
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("value", ["abc", "-5", "0", "nan", "inf", "1e9", "", "10 ms", "0x10"])
 def test_a_malformed_deadline_header_is_a_422_naming_it(value: str) -> None:
     async def scenario() -> None:
