@@ -45,8 +45,8 @@ def parse_header(text: str) -> tuple[str, str]:
         raise ValueError(f"--header must be 'Name: value' with a token name, got {text!r}")
     if name.lower() in CLIENT_HEADERS:
         raise ValueError(f"--header {name}: set by the load tester itself")
-    if any(c in value for c in "\r\n\0"):
-        raise ValueError(f"--header {name}: the value may not hold CR, LF or NUL")
+    if not value.isascii() or any(c in value for c in "\r\n\0"):
+        raise ValueError(f"--header {name}: the value must be ASCII without CR, LF or NUL")
     return name, value
 
 

@@ -375,7 +375,7 @@ def test_target_parsing() -> None:
         Target.parse("ftp://host/score")
     assert parse_header(" X-Request-Deadline-Ms :  50 ") == ("X-Request-Deadline-Ms", "50")
     assert parse_header("Authorization: Bearer a:b") == ("Authorization", "Bearer a:b")
-    for bad in ("no colon", "Bad Name: 1", ": 1", "Host: x", "X-A: 1\r\nX-B: 2"):
+    for bad in ("no colon", "Bad Name: 1", ": 1", "Host: x", "X-A: 1\r\nX-B: 2", "X-A: \u00e9"):
         with pytest.raises(ValueError, match="--header"):
             parse_header(bad)
     with_headers = Target.parse("http://127.0.0.1:8000", headers=(("X-A", "1"), ("X-B", "2")))
