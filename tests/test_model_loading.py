@@ -73,33 +73,8 @@ def test_tiny_bundle_loads_self_checks_and_describes_itself(tiny_bundle: Path) -
     assert {i["name"] for i in summary["inputs"]} == set(model.input_names)
 
 
-def test_more_than_one_intra_op_thread_feeds_the_whole_history_as_one_chunk(
-    tiny_bundle: Path,
-) -> None:
-    """The chunked graph's chunk size (model_export/chunked.py) is left at its default on one
-    thread and set to the whole history on several; the scores are the same either way (and the
-    golden self-check ran through the same feeds)."""
-    one = CTRModel.load(tiny_bundle, Settings(warmup_runs=0, ort_intra_op_threads=1))
-    two = CTRModel.load(tiny_bundle, Settings(warmup_runs=0, ort_intra_op_threads=2))
-    assert one.fixed_feeds == {}
-    assert set(two.fixed_feeds) == {CHUNK_INPUT}
-    assert two.self_check is not None and two.self_check.max_abs_diff <= two.self_check.tolerance
-    space = one.space
-    rng = np.random.default_rng(3)
-    history = rng.integers(2, space.items.size, space.max_history_length)
-    candidates = rng.integers(2, space.items.size, 200)  # the chunked branch (above 48)
-    feeds = {
-        "history_items": history,
-        "history_categories": space.item_categories[history],
-        "candidate_items": candidates,
-        "candidate_categories": space.item_categories[candidates],
-        "user_features": np.zeros(len(space.user_features), dtype=np.int64),
-        "context_features": np.zeros(len(space.context_features), dtype=np.int64),
-    }
-    np.testing.assert_allclose(two.predict(feeds), one.predict(feeds), rtol=0, atol=1e-6)
-
-
 def request_feeds(space: FeatureSpace, n: int, seed: int) -> dict[str, np.ndarray]:
+    """A request's feeds for this feature space: a full random history, n random candidates."""
     rng = np.random.default_rng(seed)
     history = rng.integers(2, space.items.size, space.max_history_length)
     candidates = rng.integers(2, space.items.size, n)
@@ -111,6 +86,21 @@ def request_feeds(space: FeatureSpace, n: int, seed: int) -> dict[str, np.ndarra
         "user_features": np.zeros(len(space.user_features), dtype=np.int64),
         "context_features": np.zeros(len(space.context_features), dtype=np.int64),
     }
+
+
+def test_more_than_one_intra_op_thread_feeds_the_whole_history_as_one_chunk(
+    tiny_bundle: Path,
+) -> None:
+    """The chunked graph's chunk size (model_export/chunked.py) is left at its default on one
+    thread and set to the whole history on several; the scores are the same either way (and the
+    golden self-check ran through the same feeds)."""
+    one = CTRModel.load(tiny_bundle, Settings(warmup_runs=0, ort_intra_op_threads=1))
+    two = CTRModel.load(tiny_bundle, Settings(warmup_runs=0, ort_intra_op_threads=2))
+    assert one.fixed_feeds == {}
+    assert set(two.fixed_feeds) == {CHUNK_INPUT}
+    assert two.self_check is not None and two.self_check.max_abs_diff <= two.self_check.tolerance
+    feeds = request_feeds(one.space, 200, seed=3)  # 200: the chunked branch (above 48)
+    np.testing.assert_allclose(two.predict(feeds), one.predict(feeds), rtol=0, atol=1e-6)
 
 
 def test_inference_threads_default_to_one_call_per_core() -> None:
