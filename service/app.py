@@ -21,6 +21,7 @@ from fastapi import FastAPI
 
 from service.config import Settings
 from service.errors import BundleRejected, install_error_handlers
+from service.heap import frozen_heap
 from service.history import HistoryStore, open_client
 from service.metrics import Metrics
 from service.middleware import BodySizeLimit, RequestTiming
@@ -86,10 +87,11 @@ def create_app(settings: Settings | None = None, *, model: CTRModel | None = Non
                 settings.redis_deadline_ms,
                 settings.redis_policy,
             )
-            yield AppState(
-                settings=settings, holder=holder, history=store, metrics=metrics,
-                inference=threads,
-            )
+            with frozen_heap():  # last: everything built above is frozen (service/heap.py)
+                yield AppState(
+                    settings=settings, holder=holder, history=store, metrics=metrics,
+                    inference=threads,
+                )
         finally:
             if poller is not None:
                 poller.cancel()

@@ -14,6 +14,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -60,6 +61,7 @@ class Metrics:
         if not self.multiprocess:  # process_* series describe one process; with workers, none
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
+            GCCollector(registry=r)  # python_gc_collections_total{generation}: service/heap.py
         self.request_seconds = Histogram(
             "ctr_request_duration_seconds",
             "HTTP request latency by route template and status",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,6 +133,30 @@ def test_metrics_parse_and_move(client: TestClient, tiny_bundle: Path) -> None:
     assert metric(after, "ctr_errors_total", code="invalid_request") == 1
     assert metric(after, "ctr_model_info", name="din-paper", version="1") == 1
     assert metric(after, "ctr_candidates_per_request_count") >= 3
+
+
+def test_startup_objects_are_frozen_out_of_garbage_collection_while_serving(
+    tiny_bundle: Path, redis_url: str, redis_prefix: str
+) -> None:
+    app = create_app(settings(tiny_bundle, redis_url, redis_prefix))
+
+    def walked_by_collections(obj: object) -> bool:
+        # gc.get_objects() lists the three generations, which a collection walks; frozen
+        # objects sit in the permanent generation and are not listed.
+        return any(o is obj for o in gc.get_objects())
+
+    assert walked_by_collections(app.router)
+    with TestClient(app) as c:
+        assert not walked_by_collections(app.router)
+        assert c.post("/score", json={"user_id": "gc", "candidates": [
+            {"item_id": item_ids(tiny_bundle)[0]}]}).status_code == 200
+        before = c.get("/metrics").text
+        gc.collect()
+        after = c.get("/metrics").text
+        assert not walked_by_collections(app.router)  # a full collection leaves it frozen
+        full = "python_gc_collections_total"
+        assert metric(after, full, generation="2") - metric(before, full, generation="2") >= 1
+    assert walked_by_collections(app.router)  # unfrozen at shutdown: collectable again
 
 
 def test_admin_reload_is_off_without_a_token_and_checks_it_when_set(
