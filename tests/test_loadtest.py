@@ -9,6 +9,7 @@ nothing asserts how fast anything is.
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import threading
 import time
@@ -50,6 +51,7 @@ class ServerState:
     counts: dict[str, int] = field(default_factory=dict)
     statuses: dict[str, dict[int, int]] = field(default_factory=dict)
     deadlines: dict[str | None, int] = field(default_factory=dict)  # X-Request-Deadline-Ms seen
+    frozen: list[int] = field(default_factory=list)  # gc.get_freeze_count() at each /score
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def seen(self, route: str) -> int:
@@ -70,6 +72,7 @@ def make_app(state: ServerState) -> Starlette:
         deadline = request.headers.get("x-request-deadline-ms")
         with state.lock:
             state.deadlines[deadline] = state.deadlines.get(deadline, 0) + 1
+            state.frozen.append(gc.get_freeze_count())  # the load tester runs in this process
         return JSONResponse(SCORE)
 
     async def flaky(request: Request) -> Response:
@@ -338,6 +341,20 @@ def test_cli_writes_report_and_picture(server: LiveServer, tmp_path: Path) -> No
     picture = out / report["picture"]
     head = picture.read_bytes()[:8]
     assert head == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 5000
+
+
+def test_the_cli_freezes_its_setup_heap_while_it_measures(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    # A full collection walking the payloads and imports would stall the client's loop for tens
+    # of ms and show up as server latency; frozen objects are not walked (service/heap.py).
+    code = cli_main(["loadtest", "--url", f"{server.base}/score", "--rate", "50",
+                     "--duration", "0.4", "--warmup", "0", "--candidates", "5",
+                     "--item-range", "1:100", "--users", "20", "--distinct-payloads", "8",
+                     "--pause", "0", "--no-picture", "--out", str(tmp_path / "run")])
+    assert code == 0
+    assert len(server.state.frozen) == 20 and min(server.state.frozen) > 1000
+    assert gc.get_freeze_count() == 0  # given back to the collector once the run is over
 
 
 def test_find_saturation_stops_and_reports_a_rate(server: LiveServer, tmp_path: Path) -> None:
