@@ -120,6 +120,7 @@ def create_app(settings: Settings | None = None, *, model: CTRModel | None = Non
         max_in_flight=settings.max_in_flight,
         max_queued=settings.max_queued,
         queue_timeout_seconds=settings.queue_timeout_ms / 1000.0,
+        lifo_after_seconds=settings.queue_lifo_after_ms / 1000.0,
         body_timeout_seconds=settings.body_timeout_ms / 1000.0,
         # /bench/noop goes through the same gate as /score, so that a comparison of the two
         # differs only by what /score does beyond parsing.

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RedisPolicy = Literal["degrade", "fail"]
@@ -141,6 +141,14 @@ class Settings(BaseSettings):
     queue_timeout_ms: PositiveFloat = Field(
         default=200.0,
         description="longest wait in the admission queue before a 503 `overloaded`",
+    )
+    queue_lifo_after_ms: NonNegativeFloat = Field(
+        # About two W1 requests' worth of graph time on the reference machine: a queue that
+        # old is no longer jitter (docs/performance.md, "Overload with deadlines").
+        default=20.0,
+        description="once the oldest queued request has waited this long, a freed slot goes to "
+        "the newest instead (adaptive LIFO: under overload the requests served are those whose "
+        "callers still wait); 0 = always newest first",
     )
     body_timeout_ms: PositiveFloat = Field(
         default=5000.0,

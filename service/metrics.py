@@ -142,6 +142,12 @@ class Metrics:
             "ctr_requests_queued", "Gated requests waiting for a processing slot", registry=r,
             multiprocess_mode="livesum",
         )
+        self.lifo_handovers = Counter(
+            "ctr_queue_lifo_handovers_total",
+            "Processing slots given to the newest waiter because the queue was standing "
+            "(CTR_QUEUE_LIFO_AFTER_MS)",
+            registry=r,
+        )
         self.queue_wait_seconds = Histogram(
             "ctr_queue_wait_seconds",
             "Time an admitted request waited for its processing slot",

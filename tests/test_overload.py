@@ -170,6 +170,79 @@ def test_a_queued_request_gives_up_after_the_queue_timeout() -> None:
     asyncio.run(scenario())
 
 
+class OneByOne:
+    """An ASGI app that answers each request only when the test releases it by name."""
+
+    def __init__(self) -> None:
+        self.entered: list[str] = []
+        self.go: dict[str, asyncio.Event] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        name = dict(scope["headers"]).get(b"x-name", b"").decode()
+        self.entered.append(name)
+        await receive()
+        await self.go.setdefault(name, asyncio.Event()).wait()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": orjson.dumps({"name": name})})
+
+    async def finish(self, name: str) -> None:
+        self.go.setdefault(name, asyncio.Event()).set()
+        await settle()
+
+
+async def queue_behind_one(app: AdmissionControl, names: str) -> list[asyncio.Task[Reply]]:
+    """The first name runs, the others queue in order."""
+    tasks = []
+    for name in names:
+        tasks.append(asyncio.create_task(call(app, name)))
+        await settle()
+    assert app.running == 1 and app.queued == len(names) - 1
+    return tasks
+
+
+def test_a_standing_queue_is_served_newest_first() -> None:
+    async def scenario() -> None:
+        inner = OneByOne()
+        app = gate(inner, max_in_flight=1, max_queued=3, lifo_after_seconds=0.0)
+        tasks = await queue_behind_one(app, "abcd")
+        for name in "adc":
+            await inner.finish(name)
+        await inner.finish("b")
+        assert inner.entered == ["a", "d", "c", "b"]
+        assert [(await t)[0] for t in tasks] == [200] * 4
+        text = app.metrics.exposition().decode()
+        assert metric(text, "ctr_queue_lifo_handovers_total") == 3
+        assert app.running == 0 and app.queued == 0
+
+    asyncio.run(scenario())
+
+
+def test_the_queue_turns_newest_first_only_once_its_oldest_has_waited_lifo_after() -> None:
+    async def scenario() -> None:
+        inner = OneByOne()
+        app = gate(inner, max_in_flight=1, max_queued=3, lifo_after_seconds=0.3)
+        tasks = await queue_behind_one(app, "abcd")
+        await inner.finish("a")  # b, c, d have waited far less than 0.3 s: oldest first
+        assert inner.entered == ["a", "b"]
+        await asyncio.sleep(0.35)  # c has now waited past lifo_after: the queue is standing
+        await inner.finish("b")
+        assert inner.entered == ["a", "b", "d"]
+        await inner.finish("d")
+        await inner.finish("c")
+        assert inner.entered == ["a", "b", "d", "c"]
+        assert [(await t)[0] for t in tasks] == [200] * 4
+        text = app.metrics.exposition().decode()
+        assert metric(text, "ctr_queue_lifo_handovers_total") == 2  # d, then c (the only one)
+
+    asyncio.run(scenario())
+
+
+def test_lifo_after_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match="lifo_after_seconds"):
+        gate(OneByOne(), lifo_after_seconds=-1.0)
+
+
 def test_ungated_routes_answer_while_scoring_is_saturated() -> None:
     async def scenario() -> None:
         inner = Blocker()
