@@ -146,9 +146,10 @@ class Settings(BaseSettings):
         # About two W1 requests' worth of graph time on the reference machine: a queue that
         # old is no longer jitter (docs/performance.md, "Overload with deadlines").
         default=20.0,
-        description="once the oldest queued request has waited this long, a freed slot goes to "
-        "the newest instead (adaptive LIFO: under overload the requests served are those whose "
-        "callers still wait); 0 = always newest first",
+        description="once the oldest queued request with an X-Request-Deadline-Ms has waited "
+        "this long, a freed slot goes to the newest instead (adaptive LIFO: under overload the "
+        "requests served are those that can still make their deadlines); requests without a "
+        "deadline keep their turn; 0 = newest first whenever the oldest has a deadline",
     )
     body_timeout_ms: PositiveFloat = Field(
         default=5000.0,

@@ -144,8 +144,8 @@ class Metrics:
         )
         self.lifo_handovers = Counter(
             "ctr_queue_lifo_handovers_total",
-            "Processing slots given to the newest waiter because the queue was standing "
-            "(CTR_QUEUE_LIFO_AFTER_MS)",
+            "Processing slots given to the newest waiter: the queue was standing with requests "
+            "that carry deadlines (CTR_QUEUE_LIFO_AFTER_MS)",
             registry=r,
         )
         self.queue_wait_seconds = Histogram(

@@ -7,13 +7,15 @@ run; up to `max_queued` more wait for at most `queue_timeout`; anything beyond a
 burst into minutes of latency for everyone (Little's law: the wait is queue length / throughput);
 a short bounded one absorbs jitter and sheds the rest while it is still cheap to shed.
 
-Adaptive LIFO: a freed slot goes to the oldest waiter while the queue only absorbs jitter, and to
-the newest once the oldest has waited `lifo_after` (the queue is standing: arrivals outrun
-capacity). Served oldest first, a standing queue hands every slot to the request closest to its
-caller's deadline, which then misses it, and the next one too: the service stays busy and
-answers almost nothing in time. Served newest first, the requests that run have the most budget
-left and make it; the oldest time out in the queue, where refusing them costs nothing. Measured
-at 200 W1 requests/s with 100 ms deadlines against ~160/s of capacity: docs/performance.md.
+Adaptive LIFO for requests with deadlines: a freed slot goes to the oldest waiter while the queue
+only absorbs jitter, and to the newest once the oldest carries a deadline and has waited
+`lifo_after` (the queue is standing: arrivals outrun capacity). Served oldest first, a standing
+queue hands every slot to the request closest to its caller's deadline, which then misses it, and
+the next one too: the service stays busy and answers almost nothing in time. Served newest
+first, the requests that run have the most budget left and make it; the oldest time out in the
+queue, where refusing them costs nothing. A request without a deadline has no stated budget to
+miss: it keeps its turn, so near capacity none is starved into a 503 that oldest first would
+have served within the queue timeout (measured both ways, docs/performance.md).
 
 A caller may send `X-Request-Deadline-Ms: <ms>`, its remaining budget counted from arrival here.
 A request whose deadline passes while it waits answers 504 `deadline_exceeded` without running;
@@ -77,7 +79,7 @@ def parse_deadline(headers: Collection[tuple[bytes, bytes]]) -> float | None:
 class AdmissionControl:
     """ASGI middleware: the bounded gate in front of the scoring route (module docstring).
 
-    The slot accounting is a counter plus a deque of (enqueued at, future) rather than
+    The slot accounting is a counter plus a deque of waiting futures rather than
     asyncio.Semaphore: the queue length must be known to refuse beyond it, the handover picks
     either end of the queue (module docstring), and a released slot goes straight to a waiter so
     a newcomer cannot overtake the queue.
@@ -108,7 +110,8 @@ class AdmissionControl:
         self.lifo_after = lifo_after_seconds
         self.routes = routes
         self.running = 0
-        self._waiters: deque[tuple[float, asyncio.Future[None]]] = deque()  # oldest on the left
+        # (standing from, waiter), oldest on the left: _acquire() and _release()
+        self._waiters: deque[tuple[float, asyncio.Future[None]]] = deque()
 
     @property
     def queued(self) -> int:
@@ -128,7 +131,7 @@ class AdmissionControl:
         deadline_at = None if budget is None else arrived + budget
         wait = self.queue_timeout if budget is None else min(self.queue_timeout, budget)
         try:
-            await self._acquire(wait)
+            await self._acquire(wait, with_deadline=budget is not None)
         except TimeoutError:
             refused: ServiceError
             if budget is not None and budget <= self.queue_timeout:
@@ -159,8 +162,12 @@ class AdmissionControl:
 
     # -- the slots ----------------------------------------------------------------------------
 
-    async def _acquire(self, wait_seconds: float) -> None:
-        """Take a slot, waiting at most wait_seconds; Overloaded at once when the queue is full."""
+    async def _acquire(self, wait_seconds: float, with_deadline: bool = False) -> None:
+        """Take a slot, waiting at most wait_seconds; Overloaded at once when the queue is full.
+
+        A waiter is queued with the time from which, as the oldest, it makes the queue standing:
+        lifo_after after it came for a request with a deadline, never for one without.
+        """
         if self.running < self.max_in_flight and not self._waiters:
             self.running += 1
             self.metrics.in_flight.set(self.running)
@@ -173,7 +180,8 @@ class AdmissionControl:
             )
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        entry = (loop.time(), waiter)
+        standing_from = loop.time() + self.lifo_after if with_deadline else math.inf
+        entry = (standing_from, waiter)
         self._waiters.append(entry)
         self.metrics.queued.set(self.queued)
         try:
@@ -194,7 +202,7 @@ class AdmissionControl:
     def _release(self) -> None:
         """Hand the slot to a live waiter (running stays the same), or free it.
 
-        The oldest waiter, unless it has waited lifo_after: then the newest (module docstring).
+        The oldest waiter, unless it makes the queue standing: then the newest (module docstring).
         """
         waiters = self._waiters
         # A waiter that timed out or was cancelled leaves the deque when its task resumes; until
@@ -204,7 +212,7 @@ class AdmissionControl:
         while waiters and waiters[-1][1].done():
             waiters.pop()
         if waiters:
-            standing = asyncio.get_running_loop().time() - waiters[0][0] >= self.lifo_after
+            standing = asyncio.get_running_loop().time() >= waiters[0][0]
             _, waiter = waiters.pop() if standing else waiters.popleft()
             if standing:
                 self.metrics.lifo_handovers.inc()

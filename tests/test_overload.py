@@ -191,17 +191,20 @@ class OneByOne:
         await settle()
 
 
-async def queue_behind_one(app: AdmissionControl, names: str) -> list[asyncio.Task[Reply]]:
-    """The first name runs, the others queue in order."""
+async def queue_behind_one(
+    app: AdmissionControl, names: str, deadline_ms: str | None = "10000"
+) -> list[asyncio.Task[Reply]]:
+    """The first name runs, the others queue in order; each with that deadline (None: without)."""
+    headers = {DEADLINE_HEADER: deadline_ms} if deadline_ms else {}
     tasks = []
     for name in names:
-        tasks.append(asyncio.create_task(call(app, name)))
+        tasks.append(asyncio.create_task(call(app, name, headers=headers)))
         await settle()
     assert app.running == 1 and app.queued == len(names) - 1
     return tasks
 
 
-def test_a_standing_queue_is_served_newest_first() -> None:
+def test_a_standing_queue_of_requests_with_deadlines_is_served_newest_first() -> None:
     async def scenario() -> None:
         inner = OneByOne()
         app = gate(inner, max_in_flight=1, max_queued=3, lifo_after_seconds=0.0)
@@ -234,6 +237,21 @@ def test_the_queue_turns_newest_first_only_once_its_oldest_has_waited_lifo_after
         assert [(await t)[0] for t in tasks] == [200] * 4
         text = app.metrics.exposition().decode()
         assert metric(text, "ctr_queue_lifo_handovers_total") == 2  # d, then c (the only one)
+
+    asyncio.run(scenario())
+
+
+def test_requests_without_a_deadline_keep_their_turn_in_a_standing_queue() -> None:
+    async def scenario() -> None:
+        inner = OneByOne()
+        app = gate(inner, max_in_flight=1, max_queued=3, lifo_after_seconds=0.0)
+        tasks = await queue_behind_one(app, "abcd", deadline_ms=None)
+        for name in "abcd":
+            await inner.finish(name)
+        assert inner.entered == ["a", "b", "c", "d"]
+        assert [(await t)[0] for t in tasks] == [200] * 4
+        text = app.metrics.exposition().decode()
+        assert metric(text, "ctr_queue_lifo_handovers_total") == 0
 
     asyncio.run(scenario())
 
