@@ -143,8 +143,8 @@ class Settings(BaseSettings):
         description="longest wait in the admission queue before a 503 `overloaded`",
     )
     queue_lifo_after_ms: NonNegativeFloat = Field(
-        # About two W1 requests' worth of graph time on the reference machine: a queue that
-        # old is no longer jitter (docs/performance.md, "Overload with deadlines").
+        # About two W1 graph calls on the reference machine: a queue that old is no longer
+        # jitter (docs/performance.md, "Overload: oldest first against adaptive LIFO").
         default=20.0,
         description="once the oldest queued request with an X-Request-Deadline-Ms has waited "
         "this long, a freed slot goes to the newest instead (adaptive LIFO: under overload the "

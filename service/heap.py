@@ -4,11 +4,12 @@ CPython's collector stops the process (the event loop and any thread that wants 
 while it walks every tracked object of the generation it collects. At startup the service
 imports FastAPI, pydantic, onnxruntime and numpy and loads a model: ~83,000 tracked objects that
 live as long as the process. Under load a full (generation 2) collection comes every few tens of
-seconds and walks them all: 40-55 ms with the event loop stopped on the 2-core reference machine,
-up to 70 ms with the graph threads competing for the cores (docs/performance.md, "Garbage
-collector pauses"). gc.freeze() moves them to a permanent generation that collections skip; the
-same full collection then takes ~0.1 ms. Reference counting still frees a frozen object that is
-no longer used; only a reference cycle among frozen objects would wait for gc.unfreeze().
+seconds and walks them all, the event loop stopped throughout: 40-55 ms with the service idle on
+the 2-core reference machine, 66-105 ms under load with the graph threads competing for the cores
+(docs/performance.md, the Intel Xeon family 6 model 207 results, "Garbage collector pauses").
+gc.freeze() moves them to a permanent generation that collections skip; the same full collection
+then takes ~0.1 ms. Reference counting still frees a frozen object that is no longer used; only a
+reference cycle among frozen objects would wait for gc.unfreeze().
 
 A model loaded later by a hot reload is not frozen: it adds ~1,700 tracked objects, which a
 collection walks in ~0.15 ms, and dropping a model leaves no cycles behind (both measured).
