@@ -8,6 +8,7 @@ checks that the table and this class agree.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,7 @@ RedisPolicy = Literal["degrade", "fail"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
 REDIS_SCHEMES = ("redis", "rediss", "unix")
+CGROUP_ROOT = Path("/sys/fs/cgroup")  # usable_cores(): a CPU quota, as this process sees it
 
 
 class Settings(BaseSettings):
@@ -217,12 +219,51 @@ class Settings(BaseSettings):
         return self.redis_deadline_ms / 1000.0
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, where the platform reports one)."""
+def usable_cores(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota, at least 1.
+
+    The quota is what `docker run --cpus 2` or a Kubernetes CPU limit sets: the affinity still
+    lists every core of the host, and as many busy threads as host cores would be throttled by
+    the quota in turns of the CFS period (100 ms by default), which is latency for everyone.
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cores = min(cores, max(1, math.floor(quota)))
+    return max(1, cores)
+
+
+def cgroup_cpu_quota(root: Path = CGROUP_ROOT) -> float | None:
+    """CPUs allowed per period by the cgroup under root, None when unlimited or not readable.
+
+    cgroup v2 `cpu.max` ("<quota> <period>" or "max <period>"), else v1 `cpu/cpu.cfs_quota_us`
+    over `cpu/cpu.cfs_period_us` (quota -1 = unlimited). The root is /sys/fs/cgroup as this
+    process sees it: in a container with its own cgroup namespace (Docker's and Kubernetes'
+    default on cgroup v2) that is the container's cgroup.
+    """
+    try:
+        quota, period = (root / "cpu.max").read_text().split()
+        return None if quota == "max" else _ratio(quota, period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+        period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+    except OSError:
+        return None
+    try:
+        return None if int(quota) < 0 else _ratio(quota, period)
+    except ValueError:
+        return None
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    """quota / period in CPUs; None unless both are positive (ValueError if not integers)."""
+    q, p = int(quota), int(period)
+    return q / p if q > 0 and p > 0 else None
 
 
 def redact_url(url: str) -> str:

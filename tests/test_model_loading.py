@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import shutil
 import threading
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.config import Settings, usable_cores
+from service.config import Settings, cgroup_cpu_quota, usable_cores
 from service.errors import BundleRejected, InferenceFailed
 from service.features import FeatureSpace
 from service.model import (
@@ -110,6 +111,36 @@ def test_inference_threads_default_to_one_call_per_core() -> None:
     assert Settings(ort_intra_op_threads=0).inference_thread_count == 1  # 0: all cores per call
     assert Settings(ort_intra_op_threads=4 * cores).inference_thread_count == 1
     assert Settings(inference_threads=3).inference_thread_count == 3
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2, docker run --cpus 1.5
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.0),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbage\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "0\n"}, None),
+        ({}, None),  # no cgroup files: not Linux, or not mounted
+    ],
+)
+def test_a_cgroup_cpu_quota_caps_the_usable_cores(
+    tmp_path: Path, files: dict[str, str], quota: float | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == quota
+    affinity = len(os.sched_getaffinity(0))
+    want = affinity if quota is None else min(affinity, max(1, int(quota)))
+    assert usable_cores(tmp_path) == want
+
+
+def test_a_quota_below_one_cpu_still_leaves_one_core(tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("20000 100000\n")  # --cpus 0.2
+    assert cgroup_cpu_quota(tmp_path) == pytest.approx(0.2)
+    assert usable_cores(tmp_path) == 1
 
 
 def test_graph_calls_beyond_the_inference_threads_wait_and_can_be_dropped(
