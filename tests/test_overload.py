@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from service_helpers import ServiceProcess, item_ids, metric
 from tcp_proxy import TcpProxy
 
@@ -252,6 +254,87 @@ def test_requests_without_a_deadline_keep_their_turn_in_a_standing_queue() -> No
         assert [(await t)[0] for t in tasks] == [200] * 4
         text = app.metrics.exposition().decode()
         assert metric(text, "ctr_queue_lifo_handovers_total") == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("lifo_after", [math.inf, 0.0])
+def test_a_client_that_leaves_as_its_slot_frees_is_skipped(lifo_after: float) -> None:
+    """The slot frees and the waiter it would go to is cancelled in the same loop turn: the
+    cancelled one is still queued, done, when the slot is handed over, at the end it is taken
+    from (oldest first: the left; newest first: the right)."""
+
+    async def scenario() -> None:
+        inner = OneByOne()
+        app = gate(inner, max_in_flight=1, max_queued=3, lifo_after_seconds=lifo_after)
+        a, b, c = await queue_behind_one(app, "abc")
+        leaves, stays = (b, "c") if lifo_after == math.inf else (c, "b")
+        inner.go.setdefault("a", asyncio.Event()).set()  # a answers at its next turn...
+        leaves.cancel()  # ...and the waiter it would hand its slot to leaves before that turn
+        await settle()
+        assert inner.entered == ["a", stays] and app.running == 1 and app.queued == 0
+        await inner.finish(stays)
+        assert (await a)[0] == 200 and (await (c if stays == "c" else b))[0] == 200
+        assert leaves.cancelled() and app.running == 0
+
+    asyncio.run(scenario())
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    steps=st.lists(st.tuples(st.sampled_from(["arrive", "arrive_with_deadline", "finish",
+                                              "client_leaves"]), st.integers(0, 99),
+                             st.booleans()),
+                   max_size=40),
+    max_in_flight=st.integers(1, 3),
+    max_queued=st.integers(0, 4),
+    lifo_after=st.sampled_from([0.0, math.inf]),
+)
+def test_the_gate_never_oversubscribes_idles_or_leaks_a_slot(
+    steps: list[tuple[str, int, bool]], max_in_flight: int, max_queued: int, lifo_after: float
+) -> None:
+    """Arrivals, answers and clients leaving while queued, in any order, either queue order.
+
+    A step may run in the same loop turn as the next one (`then_settle` false): a client that
+    leaves just before a slot frees is still in the queue, done, when the slot is handed over.
+    """
+
+    async def scenario() -> None:
+        inner = OneByOne()
+        app = gate(inner, max_in_flight=max_in_flight, max_queued=max_queued,
+                   lifo_after_seconds=lifo_after)
+        tasks: dict[str, asyncio.Task[Reply]] = {}
+
+        def live(name: str) -> bool:
+            return not tasks[name].done()
+
+        for i, (op, k, then_settle) in enumerate(steps):
+            in_app = [n for n in inner.entered if live(n) and not inner.go.get(n)]
+            waiting = [n for n in tasks if live(n) and n not in inner.entered]
+            if op.startswith("arrive"):
+                headers = {DEADLINE_HEADER: "60000"} if op == "arrive_with_deadline" else {}
+                tasks[f"r{i}"] = asyncio.create_task(call(app, f"r{i}", headers=headers))
+            elif op == "finish" and in_app:
+                inner.go.setdefault(in_app[k % len(in_app)], asyncio.Event()).set()
+            elif op == "client_leaves" and waiting:
+                tasks[waiting[k % len(waiting)]].cancel()
+            if not then_settle:
+                continue
+            await settle()
+            in_app = [n for n in inner.entered if live(n)]
+            waiting = [n for n in tasks if live(n) and n not in inner.entered]
+            assert app.running == len(in_app) <= max_in_flight
+            assert app.queued == len(waiting) <= max_queued
+            assert not waiting or app.running == max_in_flight  # no idle slot while one waits
+        for name in tasks:
+            await inner.finish(name)
+        replies = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        assert app.running == 0 and app.queued == 0
+        for name, reply in zip(tasks, replies, strict=True):
+            if name in inner.entered:
+                assert not isinstance(reply, BaseException) and reply[0] == 200
+            else:  # refused at once (queue full) or its client left while it waited
+                assert isinstance(reply, asyncio.CancelledError) or reply[0] == 503
 
     asyncio.run(scenario())
 
