@@ -76,6 +76,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.inference_cpu_seconds = Histogram(
+            "ctr_inference_cpu_seconds",
+            "CPU time of one graph call on the thread that ran it; the inference stage's wall "
+            "time beyond it was spent waiting for an inference thread or for a core",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.candidates = Histogram(
             "ctr_candidates_per_request",
             "Candidates scored per request",

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,7 +212,11 @@ class CTRModel:
         return result
 
     async def score(
-        self, feeds: dict[str, Int64Array], threads: Executor, inline_pairs: int = 0
+        self,
+        feeds: dict[str, Int64Array],
+        threads: Executor,
+        inline_pairs: int = 0,
+        cpu_seconds: Callable[[float], None] | None = None,
     ) -> NDArray[np.float32]:
         """predict() on the inference threads, so the event loop keeps serving meanwhile.
 
@@ -223,11 +228,16 @@ class CTRModel:
         A call of at most `inline_pairs` candidate x history pairs runs on the event loop
         instead: the hop to a worker thread and back (~0.15-0.5 ms on this machine) costs as
         much as the graph itself for such a call (10 x 50: ~1 ms). docs/performance.md.
+
+        `cpu_seconds`, when given, is called with the CPU time the call took on the thread that
+        ran it (with one intra-op thread, the default, all of the call's CPU). Against the
+        call's wall time it tells waiting (for a thread, for a core) from a slow CPU.
         """
         pairs = feeds["candidate_items"].shape[0] * max(feeds["history_items"].shape[0], 1)
+        run = self.predict if cpu_seconds is None else _thread_timed(self.predict, cpu_seconds)
         if pairs <= inline_pairs:
-            return self.predict(feeds)
-        return await asyncio.get_running_loop().run_in_executor(threads, self.predict, feeds)
+            return run(feeds)
+        return await asyncio.get_running_loop().run_in_executor(threads, run, feeds)
 
     def _run_golden(self) -> SelfCheck:
         golden = self.manifest.get("golden") or {}
@@ -320,6 +330,22 @@ class CTRModel:
             },
             "onnx": m.get("onnx") or {},
         }
+
+
+def _thread_timed(
+    predict: Callable[[dict[str, Int64Array]], NDArray[np.float32]],
+    cpu_seconds: Callable[[float], None],
+) -> Callable[[dict[str, Int64Array]], NDArray[np.float32]]:
+    """predict, reporting the CPU time of each call on its own thread to cpu_seconds."""
+
+    def run(feeds: dict[str, Int64Array]) -> NDArray[np.float32]:
+        start = time.thread_time()
+        try:
+            return predict(feeds)
+        finally:
+            cpu_seconds(time.thread_time() - start)
+
+    return run
 
 
 def inference_pool(settings: Settings) -> ThreadPoolExecutor:

@@ -155,7 +155,10 @@ async def score(request: Request) -> Response:
 
     feeds = build_inputs(req, history, space)
     built = time.perf_counter()
-    scores = await model.score(feeds, state.inference, settings.inline_inference_pairs)
+    scores = await model.score(
+        feeds, state.inference, settings.inline_inference_pairs,
+        cpu_seconds=metrics.inference_cpu_seconds.observe,
+    )
     done = time.perf_counter()
 
     metrics.stage_seconds.labels("history").observe(fetched - start)

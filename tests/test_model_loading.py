@@ -154,11 +154,12 @@ def test_graph_calls_beyond_the_inference_threads_wait_and_can_be_dropped(
     expected = model.predict(feeds)
     threads = inference_pool(Settings(inference_threads=1))
     release = threading.Event()
+    cpu_seconds: list[float] = []
 
     async def scenario() -> np.ndarray:
         busy = asyncio.get_running_loop().run_in_executor(threads, release.wait, 30)
-        dropped = asyncio.create_task(model.score(feeds, threads))
-        queued = asyncio.create_task(model.score(feeds, threads))
+        dropped = asyncio.create_task(model.score(feeds, threads, cpu_seconds=cpu_seconds.append))
+        queued = asyncio.create_task(model.score(feeds, threads, cpu_seconds=cpu_seconds.append))
         done, _ = await asyncio.wait({dropped, queued}, timeout=0.3)
         assert not done  # both wait behind the busy thread
         dropped.cancel()
@@ -175,6 +176,7 @@ def test_graph_calls_beyond_the_inference_threads_wait_and_can_be_dropped(
         release.set()
         threads.shutdown(wait=True)
     np.testing.assert_array_equal(scores, expected)
+    assert len(cpu_seconds) == 1 and cpu_seconds[0] > 0  # the dropped call never ran
 
 
 def test_plain_bundle_has_only_the_four_sequence_inputs(plain_bundle: Path) -> None:

@@ -130,6 +130,12 @@ def test_metrics_parse_and_move(client: TestClient, tiny_bundle: Path) -> None:
     assert metric(after, count, route="/score", method="POST", status="422") == 1
     for stage in ("history", "features", "inference"):
         assert metric(after, "ctr_stage_duration_seconds_count", stage=stage) >= 3
+    cpu, wall = "ctr_inference_cpu_seconds", "ctr_stage_duration_seconds"
+    assert metric(after, f"{cpu}_count") - metric(before, f"{cpu}_count") == 3
+    cpu_spent = metric(after, f"{cpu}_sum") - metric(before, f"{cpu}_sum")
+    wall_spent = metric(after, f"{wall}_sum", stage="inference") - metric(
+        before, f"{wall}_sum", stage="inference")
+    assert 0 < cpu_spent <= wall_spent  # the CPU of the calls, inside their wall time
     assert metric(after, "ctr_errors_total", code="invalid_request") == 1
     assert metric(after, "ctr_model_info", name="din-paper", version="1") == 1
     assert metric(after, "ctr_candidates_per_request_count") >= 3
