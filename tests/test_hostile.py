@@ -495,3 +495,43 @@ def test_a_client_that_hangs_up_mid_body_is_counted_not_logged_as_a_bug(
                                          route="/score", method="POST", status="499") == hang_ups
     assert "Traceback" not in service.log()
     assert_still_correct(service, plain_bundle)
+
+
+def test_a_request_whose_caller_hung_up_while_it_was_queued_is_not_scored(
+    plain_bundle: Path, redis_url: str, tmp_path: Path,
+) -> None:
+    # Under overload callers time out and go; what they left in the admission queue must not be
+    # scored for no one (the Redis read and the graph call are the expensive part). One slot:
+    # a slow body holds it while a second request queues behind it and hangs up.
+    prefix = f"hostile-queue-{uuid.uuid4().hex[:12]}"
+    svc = ServiceProcess(plain_bundle, redis_url, tmp_path / "service.log", reload_poll_seconds="0",
+                         warmup_runs="1", access_log="false", redis_prefix=prefix,
+                         max_in_flight="1", queue_timeout_ms="10000", body_timeout_ms="10000")
+    body = json.dumps({"user_id": "bob", "candidates": [{"item_id": 1}] * 5}).encode()
+    head = (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    with svc:
+        before = svc.http.get("/metrics").text
+        holder = raw_request(svc.port, head + body[:5])  # admitted: it reads its body
+        time.sleep(0.3)
+        quitter = raw_request(svc.port, head + body)  # whole request sent, queued for the slot
+        time.sleep(0.3)
+        quitter.close()
+        time.sleep(0.3)
+        holder.sendall(body[5:])
+        holder.settimeout(10)
+        assert holder.recv(65536).startswith(b"HTTP/1.1 200")
+        holder.close()
+        deadline = time.monotonic() + 10
+        while True:
+            after = svc.http.get("/metrics").text
+            gone = (metric(after, "ctr_errors_total", code="client_disconnected")
+                    - metric(before, "ctr_errors_total", code="client_disconnected"))
+            if gone >= 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert gone == 1
+        scored = (metric(after, "ctr_stage_duration_seconds_count", stage="history")
+                  - metric(before, "ctr_stage_duration_seconds_count", stage="history"))
+        assert scored == 1, "only the holder's request may reach Redis and the graph"
+        assert "Traceback" not in svc.log()
