@@ -48,11 +48,14 @@ def as_text(value: int | str) -> str:
 
 def _id_union() -> core_schema.CoreSchema:
     # One union with one error message: pydantic's default union reports each member's failure
-    # under loc suffixes like `user_id.int`, which names no field the client wrote.
+    # under loc suffixes like `user_id.int`, which names no field the client wrote. Text first:
+    # ids are text by contract, and a string tried against the int member first cost 200
+    # candidates 55 against 47 µs (hot loop; 41 against 43 µs for integer ids). Both members are
+    # strict, so the order changes no outcome.
     return core_schema.union_schema(
         [
-            core_schema.int_schema(strict=True),
             core_schema.str_schema(strict=True, min_length=1, max_length=MAX_ID_LENGTH),
+            core_schema.int_schema(strict=True),
         ],
         custom_error_type="raw_id",
         custom_error_message=_ID_MESSAGE,
