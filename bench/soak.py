@@ -113,14 +113,47 @@ class ServiceUnderTest:
 
 
 def rss_mib(pid: int) -> float | None:
-    """Resident set size of a process from /proc (Linux), None when it is gone."""
+    """Resident set size of a process and all its descendants from /proc (Linux), MiB.
+
+    With CTR_WORKERS > 1 the process started is uvicorn's supervisor and the workers, which hold
+    the model and serve, are its children: a leak in them must count. None when the process is
+    gone. Pages shared between processes count once per process, which overstates the total but
+    not its growth.
+    """
+    own = _process_rss_kib(pid)
+    if own is None:
+        return None
+    return (own + sum(_process_rss_kib(child) or 0 for child in descendants(pid))) / 1024.0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid, from the parent ids in /proc/<n>/stat."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after it.
+        ppid = int(text[text.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found: list[int] = []
+    stack = list(children.get(pid, []))
+    while stack:
+        child = stack.pop()
+        found.append(child)
+        stack.extend(children.get(child, []))
+    return found
+
+
+def _process_rss_kib(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
+                return int(line.split()[1])
     except OSError:
         return None
-    return None
+    return 0  # a zombie has no VmRSS line
 
 
 class RssSampler:

@@ -10,6 +10,8 @@ what docs/reliability.md promises.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +57,34 @@ def test_short_soak_passes_with_zero_errors_and_flat_memory(
     assert summary["p99_drift_pct"] is not None
     assert len(report["rss_samples"]) >= 20
     assert "PASS" in done.stdout
+
+
+def test_rss_counts_the_workers_below_the_process_started() -> None:
+    # With CTR_WORKERS > 1 the soak starts uvicorn's supervisor; the model and any leak live in
+    # its worker processes. A parent whose grandchild holds 64 MiB must read as holding it.
+    from bench.soak import rss_mib
+
+    grandchild = ("import sys, time; b = bytearray(64 << 20); b[::4096] = b'x' * len(b[::4096]); "
+                  "print('ready', flush=True); time.sleep(60)")
+    child = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', sys.argv[1]], "
+             "stdout=sys.stdout); p.wait()")
+    parent = subprocess.Popen([sys.executable, "-c", child, grandchild], stdout=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        assert parent.stdout is not None
+        assert parent.stdout.readline().strip() == b"ready"
+        own = _own_rss_mib(parent.pid)
+        total = rss_mib(parent.pid)
+        assert total is not None and total >= own + 60, (own, total)
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the grandchild too
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
+def _own_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise AssertionError("no VmRSS")
