@@ -140,6 +140,8 @@ class PhaseResult:
     lag_ms: array[float] = field(default_factory=lambda: array("d"))
     # Filled by finalize(): summarize() of latency, service_time and dispatch_lag.
     summary: dict[str, dict[str, float | int]] = field(default_factory=dict)
+    # The target's own account of the phase from its /metrics (bench/servermetrics.py), if any.
+    server: dict[str, Any] | None = None
 
     @property
     def finished(self) -> int:

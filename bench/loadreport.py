@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from bench.loadclient import PhaseResult
+from bench.servermetrics import format_summary
 
 SCHEMA_VERSION = 1
 # A scatter of more points than this says nothing more and takes seconds to draw.
@@ -43,6 +44,8 @@ def phase_to_dict(phase: PhaseResult) -> dict[str, Any]:
         "latency_ms": phase.summary["latency"],
         # From the moment the bytes were written: what a closed-loop tester would report.
         "service_time_ms": phase.summary["service_time"],
+        # The target's own account from its /metrics, when it has one (bench/servermetrics.py).
+        "server": phase.server,
         "client": {
             "cpu_s": round(phase.client_cpu_s, 4),
             "cpu_user_s": round(phase.client_cpu_user_s, 4),
@@ -250,4 +253,6 @@ def format_table(phases: Sequence[PhaseResult]) -> str:
         if p.queued_at_cap:
             lines.append(f"    {p.queued_at_cap} requests queued with the pool at its cap "
                          f"(first at {p.first_queued_at_s} s)")
+        if p.server:
+            lines.append(f"    {format_summary(p.server)}")
     return "\n".join(lines)

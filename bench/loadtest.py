@@ -48,6 +48,7 @@ from bench.loadpayload import (
     users_from_redis,
 )
 from bench.loadreport import build_report, draw_picture, format_table, write_json
+from bench.servermetrics import metrics_url, phase_summary, scrape
 from service.heap import frozen_heap
 
 DEFAULT_URL = "http://127.0.0.1:8000/score"
@@ -88,6 +89,7 @@ class LoadSettings:
     fraction_duration: float = 10.0
     pause: float = 1.0
     headers: tuple[tuple[str, str], ...] = ()  # extra request headers (--header)
+    server_metrics: bool = True  # read the target's /metrics around each phase
 
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.start_rate <= 0 or self.max_rate <= 0:
@@ -211,10 +213,15 @@ async def measure(settings: LoadSettings, bodies: Sequence[bytes]) -> LoadRun:
                             tick=settings.tick_ms / 1000.0, idle_timeout=settings.idle_timeout)
     result = LoadRun(target=target.url)
     salt = 0
+    scrape_url = metrics_url(target.url) if settings.server_metrics else None
+    route = target.path.split("?", 1)[0]
 
     async def run(name: str, rate: float, duration: float, record: bool = True) -> PhaseResult:
         nonlocal salt
         salt += 1
+        # Scraped outside the measured window, on a thread of its own (the sender's loop must
+        # not wait on it), and again once the phase has drained: the difference is its requests.
+        before = await asyncio.to_thread(scrape, scrape_url) if scrape_url and record else None
         phase = await client.run_phase(name, _offsets(settings, rate, duration, salt), rate,
                                        record=record)
         if record:
@@ -226,6 +233,10 @@ async def measure(settings: LoadSettings, bodies: Sequence[bytes]) -> LoadRun:
         drain = max(settings.pause, min(slowest, settings.timeout))
         if drain > 0:
             await asyncio.sleep(drain)
+        if before is not None and scrape_url is not None:
+            after = await asyncio.to_thread(scrape, scrape_url)
+            if after is not None:
+                phase.server = phase_summary(before, after, route)
         return phase
 
     try:
@@ -281,6 +292,7 @@ def settings_from_args(args: argparse.Namespace, url: str) -> LoadSettings:
         max_error_rate=args.max_error_rate, track_ratio=args.track_ratio, refine=args.refine,
         fractions=fractions, fraction_duration=args.fraction_duration, pause=args.pause,
         headers=tuple(parse_header(h) for h in args.header),
+        server_metrics=not args.no_server_metrics,
     )
 
 

@@ -286,6 +286,10 @@ def _add_loadtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     o.add_argument("--out", default=None,
                    help="report directory (default: reports/loadtest/<UTC time>)")
     o.add_argument("--no-picture", action="store_true", help="skip latency.png")
+    o.add_argument("--no-server-metrics", action="store_true",
+                   help="do not read the target's /metrics around each phase (by default a "
+                        "dinserve target's own account goes into the report: requests by status, "
+                        "mean server time, /score stages, graph CPU, process CPU per request)")
     p.set_defaults(handler="bench.loadtest:run")
 
 

@@ -22,6 +22,7 @@ import orjson
 import pytest
 import redis
 import uvicorn
+from service_helpers import ServiceProcess
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -335,6 +336,7 @@ def test_cli_writes_report_and_picture(server: LiveServer, tmp_path: Path) -> No
     assert phase["latency_ms"]["p50"] <= phase["latency_ms"]["p99"] <= phase["latency_ms"]["max"]
     assert phase["errors"] == {"500": server.state.statuses["flaky"][500]}
     assert phase["ok"] + phase["errors"]["500"] == 80
+    assert phase["server"] is None  # this server has no /metrics: the run goes on without
     for key in ("cpu_us_per_request", "dispatch_lag_ms", "peak_connections", "queued_at_cap"):
         assert key in phase["client"]
     assert report["client"]["cpu_us_per_request"] > 0
@@ -437,3 +439,33 @@ def test_seeded_histories_use_the_service_key_scheme(redis_url: str, redis_prefi
         client.close()
     assert users_from_redis(redis_url, redis_prefix, 10) == users
     assert len(users_from_redis(redis_url, redis_prefix, 2)) == 2
+
+
+def test_a_dinserve_target_gives_its_own_account_of_each_phase(
+    plain_bundle: Path, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    # The report holds what the server counted between two scrapes of its /metrics: exactly the
+    # phase's requests, and the stages of /score, which fit inside the server-side time.
+    service = ServiceProcess(plain_bundle, redis_url, tmp_path / "service.log",
+                             reload_poll_seconds="0", warmup_runs="1", access_log="false",
+                             redis_prefix=redis_prefix)
+    args = ["loadtest", "--url", "", "--rate", "50", "--duration", "1", "--warmup", "0.3",
+            "--candidates", "20", "--item-ids-from", str(plain_bundle), "--users", "10",
+            "--history-length", "8", "--redis-url", redis_url, "--prefix", redis_prefix,
+            "--distinct-payloads", "8", "--pause", "0.2", "--no-picture", "--out"]
+    with service:
+        args[2] = f"{service.url}/score"
+        assert cli_main([*args, str(tmp_path / "with")]) == 0
+        assert cli_main([*args, str(tmp_path / "without"), "--no-server-metrics"]) == 0
+    (phase,) = orjson.loads((tmp_path / "with" / "report.json").read_bytes())["phases"]
+    server = phase["server"]
+    assert phase["finished"] == 50 and phase["ok"] == 50
+    assert server["requests"] == 50 and server["by_status"] == {"200": 50}  # not the warm-up's
+    stages = server["stages_mean_ms"]
+    assert all(value > 0 for value in stages.values()), stages
+    assert sum(stages.values()) <= server["mean_ms"]
+    assert 0 < server["inference_cpu_mean_ms"] <= stages["inference"]
+    assert server["process_cpu_ms_per_request"] > 0
+    assert server["errors"] == {}
+    (plain,) = orjson.loads((tmp_path / "without" / "report.json").read_bytes())["phases"]
+    assert plain["server"] is None
