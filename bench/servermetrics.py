@@ -71,9 +71,14 @@ def scrape(url: str, timeout: float = 2.0) -> Scrape | None:
         return None
     if response.status_code != 200:
         return None
+    return parse_exposition(response.text)
+
+
+def parse_exposition(text: str) -> Scrape | None:
+    """Prometheus text as a Scrape; None unless it is one and holds dinserve's request timing."""
     samples: dict[tuple[str, Labels], float] = {}
     try:
-        for family in text_string_to_metric_families(response.text):
+        for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     except ValueError:  # not the Prometheus text format
@@ -99,7 +104,8 @@ def phase_summary(before: Scrape, after: Scrape, route: str) -> dict[str, Any] |
     requests = sum(by_status.values())
     if requests == 0:
         return None
-    errors = {code: int(n - before.by_label(ERRORS, "code").get(code, 0.0))
+    errors_before = before.by_label(ERRORS, "code")
+    errors = {code: int(n - errors_before.get(code, 0.0))
               for code, n in sorted(after.by_label(ERRORS, "code").items())}
     cpu = (delta(PROCESS_CPU) if after.has(PROCESS_CPU) and before.has(PROCESS_CPU) else None)
     return {

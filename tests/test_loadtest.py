@@ -38,8 +38,10 @@ from bench.loadpayload import (
     users_from_redis,
 )
 from bench.loadtest import LoadSettings, measure
+from bench.servermetrics import parse_exposition, phase_summary
 from dinserve.cli import main as cli_main
 from service.history import keys
+from service.metrics import Metrics
 
 SCORE = {"model_version": "7", "scores": [0.5], "history_length": 3, "degraded": False}
 STALL_AT = 30          # the request number that blocks the server's loop
@@ -469,3 +471,34 @@ def test_a_dinserve_target_gives_its_own_account_of_each_phase(
     assert server["errors"] == {}
     (plain,) = orjson.loads((tmp_path / "without" / "report.json").read_bytes())["phases"]
     assert plain["server"] is None
+
+
+def test_the_server_account_is_the_difference_of_two_expositions() -> None:
+    # The service's own Metrics, as its /metrics renders them: only what happened between the
+    # two reads counts, by status and by error code, and only on the loaded route.
+    metrics = Metrics()
+    try:
+        # before the first read: not counted
+        metrics.request_seconds.labels("/score", "POST", "200").observe(0.010)
+        metrics.errors.labels("overloaded").inc()
+        before = parse_exposition(metrics.exposition().decode())
+        for seconds in (0.002, 0.004, 0.006):
+            metrics.request_seconds.labels("/score", "POST", "200").observe(seconds)
+        metrics.request_seconds.labels("/score", "POST", "503").observe(0.0005)
+        metrics.request_seconds.labels("/model", "GET", "200").observe(0.5)  # another route
+        metrics.stage_seconds.labels("history").observe(0.001)
+        metrics.errors.labels("overloaded").inc(2)
+        metrics.errors.labels("client_disconnected").inc()
+        after = parse_exposition(metrics.exposition().decode())
+    finally:
+        metrics.close()
+    assert before is not None and after is not None
+    summary = phase_summary(before, after, "/score")
+    assert summary is not None
+    assert summary["requests"] == 4 and summary["by_status"] == {"200": 3, "503": 1}
+    assert summary["mean_ms"] == pytest.approx(4.0)
+    assert summary["stages_mean_ms"] == {"history": pytest.approx(1.0), "features": None,
+                                         "inference": None}
+    assert summary["errors"] == {"client_disconnected": 1, "overloaded": 2}
+    assert phase_summary(after, after, "/score") is None  # nothing happened in between
+    assert parse_exposition("<html>not metrics</html>") is None
