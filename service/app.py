@@ -127,5 +127,13 @@ def create_app(settings: Settings | None = None, *, model: CTRModel | None = Non
         routes=GATED_ROUTES | {("POST", "/bench/noop")} if settings.bench_endpoints
         else GATED_ROUTES,
     )
-    app.add_middleware(RequestTiming, metrics=metrics)
+    app.add_middleware(
+        RequestTiming,
+        metrics=metrics,
+        paths=frozenset(
+            path
+            for route in (*app.routes, *router.routes)  # the included router shows as one entry
+            if "{" not in (path := getattr(route, "path", "{"))
+        ),
+    )
     return app

@@ -59,12 +59,15 @@ class RequestTiming:
     """Observes ctr_request_duration_seconds{route, method, status} for every HTTP request.
 
     The route label is the matched route's template (`/score`), never the raw path, so a scan of
-    random URLs cannot blow up the label set: unmatched paths share the label `unmatched`.
+    random URLs cannot blow up the label set: unmatched paths share the label `unmatched`. An
+    answer given before the router ran (the body limit's 413, admission control's 503) is labelled
+    with its path when that path is one of `paths`, the app's routes without parameters.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.metrics = metrics
+        self.paths = paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,7 +86,9 @@ class RequestTiming:
             await self.app(scope, receive, timed_send)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = getattr(route, "path", None) or (
+                scope["path"] if scope["path"] in self.paths else "unmatched"
+            )
             self.metrics.request_seconds.labels(template, scope["method"], str(status)).observe(
                 time.perf_counter() - start
             )

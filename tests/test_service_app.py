@@ -214,3 +214,23 @@ def test_every_service_error_has_a_status_and_a_distinct_code() -> None:
 
     walk(ServiceError)
     assert len(seen) >= 10
+
+
+def test_answers_given_before_routing_are_timed_under_their_route(
+    tiny_bundle: Path, redis_url: str, redis_prefix: str
+) -> None:
+    # The body limit and admission control answer before the router has matched a route; their
+    # 413s and 503s belong to /score's latency and error rate on a dashboard, not to `unmatched`.
+    # Unknown paths still share one label, so random URLs cannot grow the label set.
+    app = create_app(settings(tiny_bundle, redis_url, redis_prefix, max_body_bytes=1000))
+    body = json.dumps({"user_id": "u", "candidates": [{"item_id": i} for i in range(200)]})
+    with TestClient(app) as c:
+        assert c.post("/score", content=body,
+                      headers={"content-type": "application/json"}).status_code == 413
+        for path in ("/no-such-thing", "/score/x", "/wp-login.php"):
+            assert c.get(path).status_code == 404
+        text = c.get("/metrics").text
+    count = "ctr_request_duration_seconds_count"
+    assert metric(text, count, route="/score", method="POST", status="413") == 1
+    assert metric(text, count, route="unmatched", method="POST", status="413") == 0
+    assert metric(text, count, route="unmatched", method="GET", status="404") == 3
