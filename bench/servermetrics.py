@@ -42,6 +42,7 @@ class Scrape:
     """One read of the exposition: every sample by (name, sorted labels)."""
 
     samples: dict[tuple[str, Labels], float]
+    families: frozenset[str] = frozenset()
 
     def total(self, name: str, **labels: str) -> float:
         """The sum of every sample of `name` whose labels include `labels`."""
@@ -77,14 +78,17 @@ def scrape(url: str, timeout: float = 2.0) -> Scrape | None:
 def parse_exposition(text: str) -> Scrape | None:
     """Prometheus text as a Scrape; None unless it is one and holds dinserve's request timing."""
     samples: dict[tuple[str, Labels], float] = {}
+    families: set[str] = set()
     try:
         for family in text_string_to_metric_families(text):
+            families.add(family.name)
             for sample in family.samples:
                 samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     except ValueError:  # not the Prometheus text format
         return None
-    found = Scrape(samples)
-    return found if found.has(f"{REQUESTS}_count") else None
+    # By family, not by sample: a service that has served nothing yet has the family but no
+    # labelled sample in it.
+    return Scrape(samples, frozenset(families)) if REQUESTS in families else None
 
 
 def phase_summary(before: Scrape, after: Scrape, route: str) -> dict[str, Any] | None:

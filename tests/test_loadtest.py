@@ -502,3 +502,18 @@ def test_the_server_account_is_the_difference_of_two_expositions() -> None:
     assert summary["errors"] == {"client_disconnected": 1, "overloaded": 2}
     assert phase_summary(after, after, "/score") is None  # nothing happened in between
     assert parse_exposition("<html>not metrics</html>") is None
+
+
+def test_a_fresh_server_with_no_request_yet_is_still_recognised() -> None:
+    # Before its first request the service's histogram has no labelled sample; the first phase of
+    # a run without warm-up must still get its account.
+    metrics = Metrics()
+    try:
+        before = parse_exposition(metrics.exposition().decode())
+        metrics.request_seconds.labels("/score", "POST", "200").observe(0.003)
+        after = parse_exposition(metrics.exposition().decode())
+    finally:
+        metrics.close()
+    assert before is not None and after is not None
+    summary = phase_summary(before, after, "/score")
+    assert summary is not None and summary["requests"] == 1
