@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None, *, model: CTRModel | None = Non
     app.include_router(router)
     # Added last = outermost: timing sees every answer, the size limit runs before any parsing,
     # and admission control (service/overload.py) sheds load before a body is read.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
     app.add_middleware(
         AdmissionControl,
         metrics=metrics,

@@ -22,9 +22,10 @@ class BodySizeLimit:
     that crosses the limit raises RequestTooLarge, which the app's error handler answers.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, metrics: Metrics | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -34,7 +35,10 @@ class BodySizeLimit:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if value.isdigit() and int(value) > limit:
-                    await error_response(_too_large(limit))(scope, receive, send)
+                    refused = _too_large(limit)
+                    if self.metrics is not None:  # the app's handler counts the other 413s
+                        self.metrics.errors.labels(refused.code).inc()
+                    await error_response(refused)(scope, receive, send)
                     return
                 break
         received = 0

@@ -233,4 +233,5 @@ def test_answers_given_before_routing_are_timed_under_their_route(
     count = "ctr_request_duration_seconds_count"
     assert metric(text, count, route="/score", method="POST", status="413") == 1
     assert metric(text, count, route="unmatched", method="POST", status="413") == 0
+    assert metric(text, "ctr_errors_total", code="body_too_large") == 1  # counted like any error
     assert metric(text, count, route="unmatched", method="GET", status="404") == 3
