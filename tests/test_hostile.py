@@ -377,6 +377,12 @@ def test_the_nasty_corpus_gets_4xx_not_5xx_with_bounded_memory(
     assert "Traceback" not in service.log()
 
 
+def score_head(body: bytes) -> bytes:
+    """The request line and headers of a POST /score carrying `body` (sent separately)."""
+    return (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+
+
 def raw_request(port: int, head: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.sendall(head)
@@ -387,8 +393,7 @@ def test_a_slow_loris_body_is_cut_off_by_the_body_timeout(
     service: ServiceProcess, plain_bundle: Path,
 ) -> None:
     body = json.dumps({"user_id": "alice", "candidates": [{"item_id": 1}] * 20}).encode()
-    head = (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    head = score_head(body)
     cut: list[tuple[bytes, float]] = []
 
     def loris() -> None:
@@ -469,8 +474,7 @@ def test_a_client_that_hangs_up_mid_body_is_counted_not_logged_as_a_bug(
     # not a bug of ours: no traceback per hang-up (two were logged, 1.4 ms of the event loop in
     # all, which under overload made more callers time out), a count instead, and no 500 counted.
     body = json.dumps({"user_id": "alice", "candidates": [{"item_id": 1}] * 50}).encode()
-    head = (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    head = score_head(body)
     before = service.http.get("/metrics").text
     hang_ups = 5
     for _ in range(hang_ups):
@@ -508,8 +512,7 @@ def test_a_request_whose_caller_hung_up_while_it_was_queued_is_not_scored(
                          warmup_runs="1", access_log="false", redis_prefix=prefix,
                          max_in_flight="1", queue_timeout_ms="10000", body_timeout_ms="10000")
     body = json.dumps({"user_id": "bob", "candidates": [{"item_id": 1}] * 5}).encode()
-    head = (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    head = score_head(body)
     with svc:
         before = svc.http.get("/metrics").text
         holder = raw_request(svc.port, head + body[:5])  # admitted: it reads its body
