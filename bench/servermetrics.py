@@ -101,16 +101,17 @@ def phase_summary(before: Scrape, after: Scrape, route: str) -> dict[str, Any] |
         count = delta(f"{name}_count", **labels)
         return round(delta(f"{name}_sum", **labels) / count * 1000, 4) if count > 0 else None
 
-    counts = after.by_label(f"{REQUESTS}_count", "status", route=route)
-    earlier = before.by_label(f"{REQUESTS}_count", "status", route=route)
-    by_status = {status: int(n - earlier.get(status, 0.0)) for status, n in sorted(counts.items())}
-    by_status = {status: n for status, n in by_status.items() if n > 0}
+    def grown_by(name: str, label: str, **labels: str) -> dict[str, int]:
+        """Per value of `label`, how much the counter grew; values that did not grow left out."""
+        earlier = before.by_label(name, label, **labels)
+        grown = {key: int(n - earlier.get(key, 0.0))
+                 for key, n in sorted(after.by_label(name, label, **labels).items())}
+        return {key: n for key, n in grown.items() if n > 0}
+
+    by_status = grown_by(f"{REQUESTS}_count", "status", route=route)
     requests = sum(by_status.values())
     if requests == 0:
         return None
-    errors_before = before.by_label(ERRORS, "code")
-    errors = {code: int(n - errors_before.get(code, 0.0))
-              for code, n in sorted(after.by_label(ERRORS, "code").items())}
     cpu = (delta(PROCESS_CPU) if after.has(PROCESS_CPU) and before.has(PROCESS_CPU) else None)
     return {
         "requests": requests,
@@ -122,12 +123,13 @@ def phase_summary(before: Scrape, after: Scrape, route: str) -> dict[str, Any] |
         # All of the server process's threads (event loop, graph threads, Redis client), over
         # every request it served meanwhile: /metrics scrapes are two requests among thousands.
         "process_cpu_ms_per_request": round(cpu / requests * 1000, 4) if cpu is not None else None,
-        "errors": {code: n for code, n in errors.items() if n > 0},
+        "errors": grown_by(ERRORS, "code"),
     }
 
 
 def format_summary(server: dict[str, Any]) -> str:
-    """One console line: `server: 4.10 ms mean (history 0.20, ...), 4.30 ms CPU per request`."""
+    """One console line, e.g. `server: 1000 requests, 4.14 ms mean (history 0.17, features 0.16,
+    inference 3.46), graph CPU 3.32 ms, process CPU 4.11 ms per request`."""
     stages = ", ".join(f"{name} {value:.2f}" for name, value in server["stages_mean_ms"].items()
                        if value is not None)
     parts = [f"server: {server['requests']} requests"]
