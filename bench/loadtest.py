@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -50,6 +50,9 @@ from bench.loadpayload import (
 from bench.loadreport import build_report, draw_picture, format_table, write_json
 from bench.servermetrics import metrics_url, phase_summary, scrape
 from service.heap import frozen_heap
+
+if TYPE_CHECKING:  # imported when --graph-ceiling is given: it loads onnxruntime
+    from bench.ceiling import CeilingBracket
 
 DEFAULT_URL = "http://127.0.0.1:8000/score"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -332,7 +335,8 @@ def prepare_payloads(args: argparse.Namespace) -> tuple[list[bytes], dict[str, A
 
 def write_outputs(run_result: LoadRun, settings: LoadSettings, payload: dict[str, Any],
                   out_dir: Path, *, started_at: str, loop: str, picture: bool,
-                  config: dict[str, Any] | None = None) -> dict[str, Any]:
+                  config: dict[str, Any] | None = None,
+                  graph_ceiling: dict[str, Any] | None = None) -> dict[str, Any]:
     """report.json (and latency.png) into out_dir; returns the report."""
     mode = "saturation" if settings.find_saturation else "constant"
     png = out_dir / "latency.png"
@@ -345,6 +349,8 @@ def write_outputs(run_result: LoadRun, settings: LoadSettings, payload: dict[str
         payload=payload, phases=run_result.phases, saturation=run_result.saturation,
         started_at=started_at, finished_at=_now(), event_loop=event_loop_name(loop),
         picture=png.name if picture and run_result.phases else None)
+    if graph_ceiling is not None:
+        report["graph_ceiling"] = graph_ceiling
     write_json(report, out_dir / "report.json")
     return report
 
@@ -364,6 +370,19 @@ def _jsonable(value: dict[str, Any]) -> dict[str, Any]:
             for k, v in value.items() if not callable(v)}
 
 
+def _ceiling_bracket(args: argparse.Namespace) -> CeilingBracket | None:
+    """The bundle of --graph-ceiling, loaded and checked; None, after saying why, if not."""
+    from bench.ceiling import CeilingBracket
+    from service.errors import BundleRejected
+
+    try:
+        return CeilingBracket(Path(args.graph_ceiling), args.candidates, args.history_length,
+                              args.ceiling_callers, args.ceiling_seconds)
+    except (BundleRejected, ValueError) as exc:
+        print(f"dinserve loadtest: error: --graph-ceiling: {exc}", file=sys.stderr)
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     """The `dinserve loadtest` handler; exit 0 unless no request at all succeeded."""
     started_at = _now()
@@ -373,6 +392,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad option: say which, as argparse would, without a traceback
         print(f"dinserve loadtest: error: {exc}", file=sys.stderr)
         return 2
+    bracket = None
+    if args.graph_ceiling:
+        from bench.ceiling import describe
+
+        bracket = _ceiling_bracket(args)
+        if bracket is None:
+            return 2
     try:
         bodies, payload = prepare_payloads(args)
         url = args.url
@@ -384,8 +410,12 @@ def run(args: argparse.Namespace) -> int:
               flush=True)
         # What setup built (payloads, imports) stays out of the collector's way while requests
         # are timed: a full collection would stall this loop for tens of ms (service/heap.py).
+        if bracket is not None:
+            print(f"graph ceiling before: {describe(bracket.measure())}", flush=True)
         with frozen_heap():
             result = run_loop(measure(settings, bodies), args.loop)
+        if bracket is not None:
+            print(f"graph ceiling after: {describe(bracket.measure())}", flush=True)
     finally:
         if noop is not None:
             noop.terminate()
@@ -394,8 +424,12 @@ def run(args: argparse.Namespace) -> int:
     config = _jsonable({k: v for k, v in vars(args).items() if k != "handler"})
     config["url"] = settings.url
     config["header"] = [f"{name}: {_shown(name, value)}" for name, value in settings.headers]
+    throughput = (result.saturation["saturation_rps"] if result.saturation
+                  else max((p.achieved_rps for p in result.phases), default=0.0))
+    ceiling = bracket.summary(throughput) if bracket is not None else None
     report = write_outputs(result, settings, payload, out_dir, started_at=started_at,
-                           loop=args.loop, picture=not args.no_picture, config=config)
+                           loop=args.loop, picture=not args.no_picture, config=config,
+                           graph_ceiling=ceiling)
     print(format_table(result.phases))
     if result.saturation:
         sat = result.saturation
@@ -403,6 +437,9 @@ def run(args: argparse.Namespace) -> int:
         for row in sat["fractions"]:
             print(f"  at {row['fraction']:.0%} ({row['offered_rps']:.1f}/s): "
                   f"p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms")
+    if ceiling is not None and ceiling["share_of_ceiling"]:
+        shares = " / ".join(f"{share:.0%}" for share in ceiling["share_of_ceiling"])
+        print(f"throughput {throughput:.1f}/s = {shares} of the graph's ceiling (before / after)")
     print(f"client: {report['client']['cpu_us_per_request']} µs CPU per request")
     print(f"report: {out_dir / 'report.json'}"
           + (f", picture: {out_dir / report['picture']}" if report["picture"] else ""))

@@ -282,6 +282,17 @@ def _add_loadtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     s.add_argument("--pause", type=float, default=1.0,
                    help="seconds between phases, for the target to drain; longer after a phase "
                         "whose slowest answer took longer, up to --timeout (default: %(default)s)")
+    c = p.add_argument_group("graph ceiling (the service on this machine)")
+    c.add_argument("--graph-ceiling", default=None, metavar="MODEL_DIR",
+                   help="time the bundle's graph alone (`dinserve ceiling`) right before and "
+                        "after the load, with --ceiling-callers threads at --candidates x "
+                        "--history-length, and report the throughput as a share of it; only "
+                        "meaningful when the target runs on this machine")
+    c.add_argument("--ceiling-callers", type=int, default=None,
+                   help="concurrent graph calls (default: the service's inference threads "
+                        "under this environment's CTR_* settings)")
+    c.add_argument("--ceiling-seconds", type=float, default=4.0,
+                   help="seconds per ceiling measurement (default: %(default)s)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None,
                    help="report directory (default: reports/loadtest/<UTC time>)")
@@ -337,6 +348,34 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--out", default=None, help="JSON report path (default: print only)")
     p.set_defaults(handler="bench.graph:run")
+
+
+def _add_ceiling(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "ceiling",
+        help="the graph's own ceiling: calls/s of a bundle's serving graph, nothing else running",
+        description=(
+            "Load a bundle as `dinserve serve` would (same CTR_* settings, self-check, warm-up) "
+            "and call its graph back to back from each number of --callers threads for "
+            "--seconds, with one request shape. Prints calls/s, CPU per call and call latency "
+            "per caller count; --out writes them as JSON. With as many callers as the service "
+            "has inference threads, it is the throughput the service would reach if HTTP, Redis "
+            "and the features cost nothing (docs/performance.md)."
+        ),
+    )
+    p.add_argument("--model-dir", required=True,
+                   help="bundle directory, model directory (newest version) or models root")
+    p.add_argument("--candidates", type=int, default=200,
+                   help="candidates per call (default: %(default)s, W1's)")
+    p.add_argument("--history-length", type=int, default=None,
+                   help="history per call (default: the bundle's max_history_length)")
+    p.add_argument("--callers", type=int, nargs="+", default=[1, 2],
+                   help="concurrent caller counts, each measured (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=8.0,
+                   help="seconds per caller count (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--out", default=None, help="JSON report path (default: print only)")
+    p.set_defaults(handler="bench.ceiling:run")
 
 
 def _add_soak(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -401,7 +440,7 @@ def _add_soak(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 BUILDERS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_train, _add_export, _add_serve, _add_history, _add_demo, _add_openapi, _add_loadtest,
-    _add_bench, _add_soak,
+    _add_bench, _add_ceiling, _add_soak,
 )
 
 
