@@ -181,6 +181,37 @@ def _add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(handler="dinserve.demo:run")
 
 
+def _add_payload_options(p: argparse.ArgumentParser) -> None:
+    """The request bodies of `loadtest` and `compare` (bench/loadtest.py prepare_payloads)."""
+    g = p.add_argument_group("payload")
+    g.add_argument("--users", type=int, default=610,
+                   help="user ids 1..N, or the first N found with --users-from-redis "
+                        "(default: %(default)s, MovieLens small)")
+    g.add_argument("--users-file", default=None, help="one user id per line")
+    g.add_argument("--users-from-redis", action="store_true",
+                   help="take user ids from the <prefix>:hist:* keys in --redis-url")
+    g.add_argument("--candidates", type=int, default=200,
+                   help="candidates per request (default: %(default)s)")
+    g.add_argument("--item-ids-from", default=None,
+                   help="items.tsv, models/<name>/<version>/ or models/<name>/ (newest version)")
+    g.add_argument("--item-range", default="1:10000",
+                   help="numeric item ids LO:HI when --item-ids-from is not given "
+                        "(default: %(default)s)")
+    g.add_argument("--with-categories", action="store_true",
+                   help="send each candidate's first category from items.tsv")
+    g.add_argument("--context", default=None, help="JSON object sent as every request's context")
+    g.add_argument("--distinct-payloads", type=int, default=256,
+                   help="request bodies built up front and cycled (default: %(default)s)")
+    g.add_argument("--history-length", type=int, default=None,
+                   help="first REPLACE the chosen users' histories in Redis with this many random "
+                        "items, so the service reads histories of this length (staging only)")
+    g.add_argument("--redis-url", default=None,
+                   help="for --history-length / --users-from-redis (default: CTR_REDIS_URL or "
+                        "redis://127.0.0.1:6379/0)")
+    g.add_argument("--prefix", default=None,
+                   help="the service's key prefix (default: CTR_REDIS_PREFIX or ctr)")
+
+
 def _add_loadtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "loadtest",
@@ -229,33 +260,7 @@ def _add_loadtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                    help="client event loop (default: %(default)s = uvloop when installed)")
-    g = p.add_argument_group("payload")
-    g.add_argument("--users", type=int, default=610,
-                   help="user ids 1..N, or the first N found with --users-from-redis "
-                        "(default: %(default)s, MovieLens small)")
-    g.add_argument("--users-file", default=None, help="one user id per line")
-    g.add_argument("--users-from-redis", action="store_true",
-                   help="take user ids from the <prefix>:hist:* keys in --redis-url")
-    g.add_argument("--candidates", type=int, default=200,
-                   help="candidates per request (default: %(default)s)")
-    g.add_argument("--item-ids-from", default=None,
-                   help="items.tsv, models/<name>/<version>/ or models/<name>/ (newest version)")
-    g.add_argument("--item-range", default="1:10000",
-                   help="numeric item ids LO:HI when --item-ids-from is not given "
-                        "(default: %(default)s)")
-    g.add_argument("--with-categories", action="store_true",
-                   help="send each candidate's first category from items.tsv")
-    g.add_argument("--context", default=None, help="JSON object sent as every request's context")
-    g.add_argument("--distinct-payloads", type=int, default=256,
-                   help="request bodies built up front and cycled (default: %(default)s)")
-    g.add_argument("--history-length", type=int, default=None,
-                   help="first REPLACE the chosen users' histories in Redis with this many random "
-                        "items, so the service reads histories of this length (staging only)")
-    g.add_argument("--redis-url", default=None,
-                   help="for --history-length / --users-from-redis (default: CTR_REDIS_URL or "
-                        "redis://127.0.0.1:6379/0)")
-    g.add_argument("--prefix", default=None,
-                   help="the service's key prefix (default: CTR_REDIS_PREFIX or ctr)")
+    _add_payload_options(p)
     s = p.add_argument_group("saturation search")
     s.add_argument("--find-saturation", action="store_true",
                    help="step the rate up until the target stops keeping up")
@@ -302,6 +307,36 @@ def _add_loadtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                         "dinserve target's own account goes into the report: requests by status, "
                         "mean server time, /score stages, graph CPU, process CPU per request)")
     p.set_defaults(handler="bench.loadtest:run")
+
+
+def _add_compare(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="endpoints side by side, one request at a time, the same bodies to each",
+        description=(
+            "Closed loop: each round sends one request body to every URL in turn (the order "
+            "rotates between rounds), one request at a time, and records each latency; the "
+            "first --warmup-rounds are not recorded. Prints p50/p90/p99/mean per URL and each "
+            "p50 as a multiple of the last URL's (the reference); --out writes them as JSON. "
+            "Issue 5's small-request line: /score against /bench/noop (CTR_BENCH_ENDPOINTS=true) "
+            "at 10 candidates, history 50 (docs/performance.md). Exit 1 when a URL never "
+            "answered 2xx."
+        ),
+    )
+    p.add_argument("urls", nargs="+", metavar="URL",
+                   help="POST targets; the last one is the reference")
+    p.add_argument("--rounds", type=int, default=2000,
+                   help="recorded rounds (default: %(default)s)")
+    p.add_argument("--warmup-rounds", type=int, default=200,
+                   help="unrecorded rounds first (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds before a request counts as a timeout (default: %(default)s)")
+    p.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="an extra header on every request; repeatable")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--out", default=None, help="JSON report path (default: print only)")
+    _add_payload_options(p)
+    p.set_defaults(handler="bench.compare:run")
 
 
 def _add_openapi(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -440,7 +475,7 @@ def _add_soak(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 BUILDERS: tuple[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None], ...] = (
     _add_train, _add_export, _add_serve, _add_history, _add_demo, _add_openapi, _add_loadtest,
-    _add_bench, _add_ceiling, _add_soak,
+    _add_compare, _add_bench, _add_ceiling, _add_soak,
 )
 
 
