@@ -25,19 +25,10 @@ from typing import Any
 import numpy as np
 
 from bench.loadreport import write_json
-from model_export.vocab import FIRST_TOKEN_INDEX
 from service.config import Settings
 from service.errors import BundleRejected
-from service.features import (
-    CANDIDATE_CATEGORIES,
-    CANDIDATE_ITEMS,
-    CONTEXT_FEATURES,
-    HISTORY_CATEGORIES,
-    HISTORY_ITEMS,
-    USER_FEATURES,
-    Int64Array,
-)
-from service.model import CTRModel
+from service.features import CANDIDATE_ITEMS, HISTORY_ITEMS, Int64Array
+from service.model import CTRModel, sample_feeds
 
 
 @dataclass(frozen=True)
@@ -61,7 +52,7 @@ def load_model(model_dir: Path) -> CTRModel:
 
 def graph_feeds(model: CTRModel, candidates: int, history_length: int | None,
                 seed: int = 0) -> dict[str, Int64Array]:
-    """One request's feeds: random known items, their categories from the bundle's item table.
+    """One request's feeds (service.model.sample_feeds) at a shape the service can feed.
 
     history_length None means the bundle's max_history_length; more than that is an error, since
     the service never feeds a longer history.
@@ -75,21 +66,7 @@ def graph_feeds(model: CTRModel, candidates: int, history_length: int | None,
             f"--history-length must be between 0 and the bundle's max_history_length "
             f"{space.max_history_length} (got {length})"
         )
-    rng = np.random.default_rng(seed)
-    high = max(space.items.size, FIRST_TOKEN_INDEX + 1)
-    history = rng.integers(FIRST_TOKEN_INDEX, high, size=length, dtype=np.int64)
-    items = rng.integers(FIRST_TOKEN_INDEX, high, size=candidates, dtype=np.int64)
-    feeds = {
-        HISTORY_ITEMS: history,
-        HISTORY_CATEGORIES: space.item_categories[history],
-        CANDIDATE_ITEMS: items,
-        CANDIDATE_CATEGORIES: space.item_categories[items],
-    }
-    if space.user_features:
-        feeds[USER_FEATURES] = np.zeros(len(space.user_features), dtype=np.int64)
-    if space.context_features:
-        feeds[CONTEXT_FEATURES] = np.zeros(len(space.context_features), dtype=np.int64)
-    return feeds
+    return sample_feeds(space, candidates, length, seed)
 
 
 def measure_ceiling(model: CTRModel, feeds: dict[str, Int64Array], callers: int,

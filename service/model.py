@@ -277,22 +277,7 @@ class CTRModel:
         """Full-length history, W1-sized candidate list: onnxruntime allocates on first use."""
         if runs <= 0:
             return
-        space = self.space
-        rng = np.random.default_rng(0)
-        n_items = space.items.size
-        length, n = space.max_history_length, WARMUP_CANDIDATES
-        history = rng.integers(FIRST_TOKEN_INDEX, max(n_items, FIRST_TOKEN_INDEX + 1), size=length)
-        candidates = rng.integers(FIRST_TOKEN_INDEX, max(n_items, FIRST_TOKEN_INDEX + 1), size=n)
-        feeds: dict[str, Int64Array] = {
-            "history_items": history,
-            "history_categories": space.item_categories[history],
-            "candidate_items": candidates,
-            "candidate_categories": space.item_categories[candidates],
-        }
-        if space.user_features:
-            feeds["user_features"] = np.zeros(len(space.user_features), dtype=np.int64)
-        if space.context_features:
-            feeds["context_features"] = np.zeros(len(space.context_features), dtype=np.int64)
+        feeds = sample_feeds(self.space, WARMUP_CANDIDATES, self.space.max_history_length)
         for _ in range(runs):
             self.predict(feeds)
 
@@ -346,6 +331,32 @@ def _thread_timed(
             cpu_seconds(time.thread_time() - start)
 
     return run
+
+
+def sample_feeds(
+    space: FeatureSpace, candidates: int, history_length: int, seed: int = 0
+) -> dict[str, Int64Array]:
+    """One request's feeds of random known items, as features.py builds them for known ids.
+
+    Categories come from the bundle's item table; user and context features are padding. For the
+    warm-up and for timing the graph alone (bench/ceiling.py): a call's cost does not depend on
+    which items it scores.
+    """
+    rng = np.random.default_rng(seed)
+    high = max(space.items.size, FIRST_TOKEN_INDEX + 1)
+    history = rng.integers(FIRST_TOKEN_INDEX, high, size=history_length)
+    items = rng.integers(FIRST_TOKEN_INDEX, high, size=candidates)
+    feeds: dict[str, Int64Array] = {
+        "history_items": history,
+        "history_categories": space.item_categories[history],
+        "candidate_items": items,
+        "candidate_categories": space.item_categories[items],
+    }
+    if space.user_features:
+        feeds["user_features"] = np.zeros(len(space.user_features), dtype=np.int64)
+    if space.context_features:
+        feeds["context_features"] = np.zeros(len(space.context_features), dtype=np.int64)
+    return feeds
 
 
 def inference_pool(settings: Settings) -> ThreadPoolExecutor:
