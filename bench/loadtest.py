@@ -408,10 +408,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"loadtest: {settings.url}, {payload['distinct_payloads']} payloads of "
               f"{payload['candidates']} candidates (~{payload['body_bytes_mean']:.0f} B)",
               flush=True)
-        # What setup built (payloads, imports) stays out of the collector's way while requests
-        # are timed: a full collection would stall this loop for tens of ms (service/heap.py).
         if bracket is not None:
             print(f"graph ceiling before: {describe(bracket.measure())}", flush=True)
+        # What setup built (payloads, imports) stays out of the collector's way while requests
+        # are timed: a full collection would stall this loop for tens of ms (service/heap.py).
         with frozen_heap():
             result = run_loop(measure(settings, bodies), args.loop)
         if bracket is not None:
