@@ -7,6 +7,7 @@ graph is called with are what can be wrong.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,20 +94,17 @@ def test_a_missing_bundle_is_an_error_not_a_traceback(
 
 def test_loadtest_brackets_its_load_with_the_ceiling(
     plain_bundle: Path, redis_url: str, redis_prefix: str, tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    serve: Callable[..., ServiceProcess], capsys: pytest.CaptureFixture[str],
 ) -> None:
-    service = ServiceProcess(plain_bundle, redis_url, tmp_path / "service.log",
-                             reload_poll_seconds="0", warmup_runs="1", access_log="false",
-                             redis_prefix=redis_prefix)
-    with service:
-        assert cli_main([
-            "loadtest", "--url", f"{service.url}/score", "--rate", "40", "--duration", "1",
-            "--warmup", "0", "--candidates", "10", "--item-ids-from", str(plain_bundle),
-            "--users", "5", "--history-length", "50", "--redis-url", redis_url,
-            "--prefix", redis_prefix, "--pause", "0.2", "--no-picture",
-            "--graph-ceiling", str(plain_bundle), "--ceiling-callers", "1",
-            "--ceiling-seconds", "0.3", "--out", str(tmp_path / "run"),
-        ]) == 0
+    service = serve(plain_bundle, redis_url, redis_prefix=redis_prefix)
+    assert cli_main([
+        "loadtest", "--url", f"{service.url}/score", "--rate", "40", "--duration", "1",
+        "--warmup", "0", "--candidates", "10", "--item-ids-from", str(plain_bundle),
+        "--users", "5", "--history-length", "50", "--redis-url", redis_url,
+        "--prefix", redis_prefix, "--pause", "0.2", "--no-picture",
+        "--graph-ceiling", str(plain_bundle), "--ceiling-callers", "1",
+        "--ceiling-seconds", "0.3", "--out", str(tmp_path / "run"),
+    ]) == 0
     report = orjson.loads((tmp_path / "run" / "report.json").read_bytes())
     ceiling = report["graph_ceiling"]
     (phase,) = report["phases"]

@@ -5,6 +5,7 @@ Counts, error accounting and the ratio arithmetic are asserted; how fast anythin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -22,17 +23,16 @@ def _args(service: ServiceProcess, bundle: Path, redis_url: str, prefix: str,
             "--prefix", prefix, "--distinct-payloads", "4"]
 
 
-def test_score_and_noop_side_by_side(plain_bundle: Path, redis_url: str, redis_prefix: str,
-                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    service = ServiceProcess(plain_bundle, redis_url, tmp_path / "service.log",
-                             reload_poll_seconds="0", warmup_runs="1", access_log="false",
-                             redis_prefix=redis_prefix, bench_endpoints="true")
+def test_score_and_noop_side_by_side(
+    plain_bundle: Path, redis_url: str, redis_prefix: str, tmp_path: Path,
+    serve: Callable[..., ServiceProcess], capsys: pytest.CaptureFixture[str],
+) -> None:
+    service = serve(plain_bundle, redis_url, redis_prefix=redis_prefix, bench_endpoints="true")
     out = tmp_path / "compare.json"
-    with service:
-        args = _args(service, plain_bundle, redis_url, redis_prefix, "/score", "/bench/noop")
-        assert cli_main([*args, "--out", str(out)]) == 0
-        with service.client() as client:
-            exposition = client.get("/metrics").text
+    args = _args(service, plain_bundle, redis_url, redis_prefix, "/score", "/bench/noop")
+    assert cli_main([*args, "--out", str(out)]) == 0
+    with service.client() as client:
+        exposition = client.get("/metrics").text
     scored = metric(exposition, "ctr_request_duration_seconds_count", route="/score",
                     method="POST", status="200")
     report = orjson.loads(out.read_bytes())
@@ -49,16 +49,14 @@ def test_score_and_noop_side_by_side(plain_bundle: Path, redis_url: str, redis_p
 
 
 def test_an_endpoint_that_never_answers_2xx_is_counted_and_fails_the_run(
-    plain_bundle: Path, redis_url: str, redis_prefix: str, tmp_path: Path
+    plain_bundle: Path, redis_url: str, redis_prefix: str, tmp_path: Path,
+    serve: Callable[..., ServiceProcess],
 ) -> None:
     # Bench endpoints off: /bench/noop answers 404, every one of them counted by status.
-    service = ServiceProcess(plain_bundle, redis_url, tmp_path / "service.log",
-                             reload_poll_seconds="0", warmup_runs="1", access_log="false",
-                             redis_prefix=redis_prefix)
+    service = serve(plain_bundle, redis_url, redis_prefix=redis_prefix)
     out = tmp_path / "compare.json"
-    with service:
-        args = _args(service, plain_bundle, redis_url, redis_prefix, "/score", "/bench/noop")
-        assert cli_main([*args, "--out", str(out)]) == 1
+    args = _args(service, plain_bundle, redis_url, redis_prefix, "/score", "/bench/noop")
+    assert cli_main([*args, "--out", str(out)]) == 1
     score, noop = orjson.loads(out.read_bytes())["results"]
     assert noop["ok"] == 0 and noop["errors"] == {"404": 25}
     assert score["ok"] == 25 and score["p50_ratio"] is None  # no reference to divide by
