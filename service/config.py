@@ -84,7 +84,8 @@ class Settings(BaseSettings):
         default=0,
         ge=0,
         description="threads that run graph calls; more calls wait for one in arrival order "
-        "(0 = the usable cores divided by the intra-op threads per call, at least 1)",
+        "(0 = the usable cores divided by the intra-op threads per call and by the workers, at "
+        "least 1)",
     )
     ort_graph_optimization: GraphOptimization = Field(
         default="all", description="onnxruntime graph optimisation level"
@@ -207,12 +208,16 @@ class Settings(BaseSettings):
 
     @property
     def inference_thread_count(self) -> int:
-        """inference_threads, or with 0 as many graph calls at once as the cores hold."""
+        """inference_threads, or with 0 this worker's share of the graph calls the cores hold.
+
+        The workers share the cores: with 2 workers on 2 cores each runs one call at a time, not
+        two (four calls time-slicing two cores stretch every one of them).
+        """
         if self.inference_threads:
             return self.inference_threads
         cores = usable_cores()
         per_call = self.ort_intra_op_threads or cores  # 0: onnxruntime's one thread per core
-        return max(1, cores // per_call)
+        return max(1, cores // (per_call * self.workers))
 
     @property
     def redis_deadline_seconds(self) -> float:

@@ -113,6 +113,15 @@ def test_inference_threads_default_to_one_call_per_core() -> None:
     assert Settings(inference_threads=3).inference_thread_count == 3
 
 
+def test_workers_share_the_cores_between_their_inference_threads() -> None:
+    cores = usable_cores()
+    assert Settings(workers=2).inference_thread_count == max(1, cores // 2)
+    assert Settings(workers=cores).inference_thread_count == 1
+    assert Settings(workers=4 * cores).inference_thread_count == 1  # at least one each
+    assert Settings(workers=2, ort_intra_op_threads=2).inference_thread_count == max(1, cores // 4)
+    assert Settings(workers=2, inference_threads=3).inference_thread_count == 3  # explicit wins
+
+
 @pytest.mark.parametrize(
     ("files", "quota"),
     [

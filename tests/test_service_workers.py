@@ -1,9 +1,9 @@
 """CTR_WORKERS=2: two real uvicorn worker processes behind one port, with summed /metrics.
 
 A real `python -m service` (the supervisor) over real HTTP and a real Redis. Proves: both workers
-start and load the model, every answer is correct whichever worker gave it, any scrape of
-/metrics reports the requests of the whole service, and SIGTERM stops the supervisor with
-status 0 and leaves no worker behind.
+start and load the model, the cores are divided between their inference threads, every answer
+is correct whichever worker gave it, any scrape of /metrics reports the requests of the whole
+service, and SIGTERM stops the supervisor with status 0 and leaves no worker behind.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 import redis
 from service_helpers import ServiceProcess, item_ids, metric, reference_scores
 
+from service.config import usable_cores
 from service.history import keys
 
 
@@ -52,6 +53,9 @@ def test_two_workers_serve_one_port_with_summed_metrics_and_drain_on_sigterm(
     assert svc.process is not None
     workers = worker_pids(svc.process.pid)
     assert len(workers) == 2, workers
+    # The workers divide the cores between them: each runs its share of graph calls at once.
+    share = max(1, usable_cores() // 2)
+    assert svc.log().count(f"; {share} inference thread(s);") == 2, svc.log()
 
     expected = reference_scores(plain_bundle, history, [(i, None) for i in wanted])
     body = {"user_id": "u1", "candidates": [{"item_id": i} for i in wanted]}
