@@ -11,7 +11,7 @@ phase's own (the scrape waits for the phase to end).
 
 A target without a Prometheus /metrics (another server, the no-op one) gives None and the run
 goes on without the section. With CTR_WORKERS > 1 the service sums its workers' samples and
-leaves out process_*: the CPU per request is then None.
+leaves out process_*; its CPU is then ctr_worker_cpu_seconds_total, every worker's summed.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ STAGES = "ctr_stage_duration_seconds"
 INFERENCE_CPU = "ctr_inference_cpu_seconds"
 ERRORS = "ctr_errors_total"
 PROCESS_CPU = "process_cpu_seconds_total"
+WORKERS_CPU = "ctr_worker_cpu_seconds_total"  # with CTR_WORKERS > 1, instead of PROCESS_CPU
 
 
 def metrics_url(target_url: str) -> str:
@@ -112,7 +113,8 @@ def phase_summary(before: Scrape, after: Scrape, route: str) -> dict[str, Any] |
     requests = sum(by_status.values())
     if requests == 0:
         return None
-    cpu = (delta(PROCESS_CPU) if after.has(PROCESS_CPU) and before.has(PROCESS_CPU) else None)
+    cpu = next((delta(name) for name in (PROCESS_CPU, WORKERS_CPU)
+                if after.has(name) and before.has(name)), None)
     return {
         "requests": requests,
         "by_status": by_status,
@@ -120,8 +122,8 @@ def phase_summary(before: Scrape, after: Scrape, route: str) -> dict[str, Any] |
         "stages_mean_ms": {stage: mean_ms(STAGES, stage=stage)
                            for stage in ("history", "features", "inference")},
         "inference_cpu_mean_ms": mean_ms(INFERENCE_CPU),
-        # All of the server process's threads (event loop, graph threads, Redis client), over
-        # every request it served meanwhile: /metrics scrapes are two requests among thousands.
+        # All of the server's threads (event loop, graph threads, Redis client; every worker's),
+        # over every request it served meanwhile: /metrics scrapes are two among thousands.
         "process_cpu_ms_per_request": round(cpu / requests * 1000, 4) if cpu is not None else None,
         "errors": grown_by(ERRORS, "code"),
     }

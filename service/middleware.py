@@ -62,6 +62,8 @@ def _too_large(limit: int) -> RequestTooLarge:
 class RequestTiming:
     """Observes ctr_request_duration_seconds{route, method, status} for every HTTP request.
 
+    With workers it also brings the worker's CPU counter up to date (Metrics.count_worker_cpu).
+
     The route label is the matched route's template (`/score`), never the raw path, so a scan of
     random URLs cannot blow up the label set: unmatched paths share the label `unmatched`. An
     answer given before the router ran (the body limit's 413, admission control's 503) is labelled
@@ -96,3 +98,4 @@ class RequestTiming:
             self.metrics.request_seconds.labels(template, scope["method"], str(status)).observe(
                 time.perf_counter() - start
             )
+            self.metrics.count_worker_cpu()

@@ -12,7 +12,7 @@ import pytest
 
 from dinserve.openapi import build_schema, render
 from service.config import Settings
-from service.metrics import Metrics
+from service.metrics import MULTIPROCESS_DIR_ENV, Metrics
 from service.schemas import ScoreResponse, parse_score_request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +65,13 @@ def test_every_doc_is_listed_in_the_readme() -> None:
         assert f"docs/{doc.name}" in readme, f"README does not link docs/{doc.name}"
 
 
-def test_metric_names_in_the_docs_exist() -> None:
+def test_metric_names_in_the_docs_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     exposed = {m.name for m in Metrics().registry.collect()}
+    # and those of a service with workers (ctr_worker_cpu_seconds instead of process_*)
+    monkeypatch.setenv(MULTIPROCESS_DIR_ENV, str(tmp_path))
+    exposed |= {m.name for m in Metrics().registry.collect()}
     # prometheus_client reports counters without their _total suffix
     exposed |= {f"{name}_total" for name in exposed}
     for page in PAGES:

@@ -504,6 +504,29 @@ def test_the_server_account_is_the_difference_of_two_expositions() -> None:
     assert parse_exposition("<html>not metrics</html>") is None
 
 
+def test_the_cpu_per_request_of_a_service_with_workers_is_their_summed_cpu() -> None:
+    # With CTR_WORKERS > 1 the exposition has no process_* family (it would describe one worker)
+    # but ctr_worker_cpu_seconds_total, every worker's CPU summed: the account divides that.
+    def exposition(requests: int, cpu: float) -> str:
+        return (
+            "# TYPE ctr_request_duration_seconds histogram\n"
+            f'ctr_request_duration_seconds_count{{method="POST",route="/score",status="200"}} '
+            f"{requests}\n"
+            f'ctr_request_duration_seconds_sum{{method="POST",route="/score",status="200"}} '
+            f"{requests * 0.005}\n"
+            "# TYPE ctr_worker_cpu_seconds counter\n"
+            f"ctr_worker_cpu_seconds_total {cpu}\n"
+        )
+
+    before = parse_exposition(exposition(100, 12.5))
+    after = parse_exposition(exposition(500, 14.5))
+    assert before is not None and after is not None
+    summary = phase_summary(before, after, "/score")
+    assert summary is not None and summary["requests"] == 400
+    assert summary["process_cpu_ms_per_request"] == pytest.approx(5.0)  # 2 s over 400
+    assert summary["mean_ms"] == pytest.approx(5.0)
+
+
 def test_a_fresh_server_with_no_request_yet_is_still_recognised() -> None:
     # Before its first request the service's histogram has no labelled sample; the first phase of
     # a run without warm-up must still get its account.

@@ -2,12 +2,13 @@
 
 A real `python -m service` (the supervisor) over real HTTP and a real Redis. Proves: both workers
 start and load the model, the cores are divided between their inference threads, every answer
-is correct whichever worker gave it, any scrape of /metrics reports the requests of the whole
-service, and SIGTERM stops the supervisor with status 0 and leaves no worker behind.
+is correct whichever worker gave it, any scrape of /metrics reports the requests and the CPU of
+the whole service, and SIGTERM stops the supervisor with status 0 and leaves no worker behind.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,13 @@ def worker_pids(supervisor: int) -> list[int]:
         if int(fields.get("PPid", "0").strip()) == supervisor and b"spawn_main" in cmdline:
             found.append(int(status.parent.name))
     return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process, from /proc/<pid>/stat (clock ticks)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; utime, stime: 14th, 15th
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_two_workers_serve_one_port_with_summed_metrics_and_drain_on_sigterm(
@@ -79,6 +87,13 @@ def test_two_workers_serve_one_port_with_summed_metrics_and_drain_on_sigterm(
                       method="POST", route="/score", status="200") == 40
         assert metric(text, "ctr_model_info", name="din-plain", version="1") == 1
         assert metric(text, "ctr_requests_in_flight") == 0
+
+    # process_cpu_seconds_total would describe one worker; the service's CPU is both workers',
+    # each counted up to its latest request or scrape (so at most what /proc says, less a tick).
+    counted = metric(httpx.get(f"{svc.url}/metrics", timeout=10.0).text,
+                     "ctr_worker_cpu_seconds_total")
+    spent = [cpu_seconds(pid) for pid in workers]
+    assert max(spent) < counted <= sum(spent) + 0.05, (counted, spent)
 
     assert svc.stop() == 0
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
