@@ -483,13 +483,15 @@ def test_sigterm_under_load_finishes_in_flight_requests_refuses_new_ones_and_exi
         assert svc.process is not None
         svc.process.send_signal(signal.SIGTERM)
         signalled = time.perf_counter()
-        # New connections are refused at once (the listening socket is closed first).
+        # New connections are refused at once (the listening socket is closed first). A probe
+        # that reached the kernel's accept queue just before the close is closed unanswered
+        # instead (seen once in CI): not served either, which is what a caller must see.
         refused = False
         while not refused and time.perf_counter() - signalled < 5:
             try:
                 httpx.get(f"{svc.url}/healthz", timeout=1.0)
                 time.sleep(0.02)
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
                 refused = True
         for caller in callers:
             caller.join(30)
