@@ -111,9 +111,9 @@ def create_app(settings: Settings | None = None, *, model: CTRModel | None = Non
     app.state.metrics = metrics  # also read by the error handlers (errors.count_error)
     install_error_handlers(app)
     app.include_router(router)
-    # Added last = outermost: timing sees every answer, the size limit runs before any parsing,
-    # and admission control (service/overload.py) sheds load before a body is read.
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
+    # Added last = outermost: timing sees every answer, the size limit counts the body's bytes as
+    # they arrive (admission control reads a gated route's body through it), and admission
+    # control (service/overload.py) sheds load before a request takes a processing slot.
     app.add_middleware(
         AdmissionControl,
         metrics=metrics,
@@ -127,6 +127,7 @@ def create_app(settings: Settings | None = None, *, model: CTRModel | None = Non
         routes=GATED_ROUTES | {("POST", "/bench/noop")} if settings.bench_endpoints
         else GATED_ROUTES,
     )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, metrics=metrics)
     app.add_middleware(
         RequestTiming,
         metrics=metrics,

@@ -3,9 +3,10 @@
 An ASGI middleware in front of POST /score (the only gated route: probes, /metrics and /model
 always answer, so an orchestrator can tell "busy" from "dead"). At most `max_in_flight` requests
 run; up to `max_queued` more wait for at most `queue_timeout`; anything beyond answers at once with
-503 `overloaded` and `Retry-After`, before its body is read. A queue that can only grow turns a
-burst into minutes of latency for everyone (Little's law: the wait is queue length / throughput);
-a short bounded one absorbs jitter and sheds the rest while it is still cheap to shed.
+503 `overloaded` and `Retry-After`, before any Redis read or graph call. A queue that can only
+grow turns a burst into minutes of latency for everyone (Little's law: the wait is queue length /
+throughput); a short bounded one absorbs jitter and sheds the rest while it is still cheap to
+shed.
 
 Adaptive LIFO for requests with deadlines: a freed slot goes to the oldest waiter while the queue
 only absorbs jitter, and to the newest once the oldest carries a deadline and has waited
@@ -25,8 +26,11 @@ already running finishes in its thread and its result is discarded) and answers 
 a score that the ranking stage has stopped waiting for. Once the response has started the deadline
 no longer applies: a half-sent answer would be worse than a late one.
 
-The body must arrive within `body_timeout` of admission: a client that trickles its body
-(slow-loris) gets 408 and its connection closed, instead of holding a slot for ever.
+The body is read before a slot is taken, and must arrive within `body_timeout` of the headers: a
+client that trickles its body (slow-loris) holds only its own connection, never a slot the others
+need, and gets 408 and its connection closed (the body size limit, service/middleware.py, still
+applies as the bytes arrive). A caller that hangs up while its request waits for a slot leaves the
+queue at once and is never run: the queue holds only requests someone still waits for.
 """
 
 from __future__ import annotations
@@ -36,9 +40,12 @@ import math
 from collections import deque
 from collections.abc import Collection
 
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import (
+    CLIENT_CLOSED_REQUEST,
     DeadlineExceeded,
     InvalidRequest,
     Overloaded,
@@ -125,20 +132,26 @@ class AdmissionControl:
         arrived = loop.time()
         try:
             budget = parse_deadline(scope["headers"])
-        except InvalidRequest as exc:
+            body = await self._read_body(receive, arrived + self.body_timeout)
+        except ServiceError as exc:  # the deadline header, the body timeout, the size limit
             await self._refuse(exc, scope, receive, send)
             return
+        except ClientDisconnect:
+            await self._hung_up(scope, receive, send)
+            return
         deadline_at = None if budget is None else arrived + budget
-        wait = self.queue_timeout if budget is None else min(self.queue_timeout, budget)
+        read = loop.time()
+        wait = self.queue_timeout if deadline_at is None else min(
+            self.queue_timeout, max(0.0, deadline_at - read))
         try:
-            await self._acquire(wait, with_deadline=budget is not None)
+            await self._acquire(wait, with_deadline=budget is not None, receive=receive)
         except TimeoutError:
             refused: ServiceError
-            if budget is not None and budget <= self.queue_timeout:
+            if budget is not None and wait < self.queue_timeout:
                 self.metrics.rejected.labels("deadline").inc()
                 refused = DeadlineExceeded(
-                    f"{DEADLINE_HEADER}: {budget * 1000:g} ms passed while the request was "
-                    "queued; it was not run",
+                    f"{DEADLINE_HEADER}: {budget * 1000:g} ms passed before the request got a "
+                    "processing slot; it was not run",
                     field=DEADLINE_HEADER,
                 )
             else:
@@ -154,19 +167,51 @@ class AdmissionControl:
             self.metrics.rejected.labels(exc.reason).inc()
             await self._refuse(exc, scope, receive, send)
             return
-        self.metrics.queue_wait_seconds.observe(loop.time() - arrived)
+        except ClientDisconnect:
+            await self._hung_up(scope, receive, send)
+            return
+        self.metrics.queue_wait_seconds.observe(loop.time() - read)
         try:
-            await self._run(scope, receive, send, deadline_at, budget)
+            await self._run(scope, _replay(body, receive), send, deadline_at, budget)
         finally:
             self._release()
 
+    async def _read_body(self, receive: Receive, until: float) -> bytes:
+        """The whole body by `until`; RequestTimeout (408) after it, ClientDisconnect on a hang-up.
+
+        Small bodies usually arrive with the headers, so the first receive() answers at once.
+        """
+        chunks: list[bytes] = []
+        while True:
+            try:
+                async with asyncio.timeout_at(until):
+                    message = await receive()
+            except TimeoutError:
+                self.metrics.rejected.labels("body_timeout").inc()
+                raise RequestTimeout(
+                    f"body: not received within {self.body_timeout * 1000:g} ms",
+                    field="body",
+                    limit=self.body_timeout * 1000,
+                    # A half-read body leaves the connection unusable: close it.
+                    headers={"Connection": "close"},
+                ) from None
+            if message["type"] != "http.request":
+                raise ClientDisconnect()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     # -- the slots ----------------------------------------------------------------------------
 
-    async def _acquire(self, wait_seconds: float, with_deadline: bool = False) -> None:
+    async def _acquire(
+        self, wait_seconds: float, with_deadline: bool = False, receive: Receive | None = None,
+    ) -> None:
         """Take a slot, waiting at most wait_seconds; Overloaded at once when the queue is full.
 
         A waiter is queued with the time from which, as the oldest, it makes the queue standing:
-        lifo_after after it came for a request with a deadline, never for one without.
+        lifo_after after it came for a request with a deadline, never for one without. With
+        `receive` (the body already read), a caller that hangs up while waiting leaves the queue
+        at once: ClientDisconnect.
         """
         if self.running < self.max_in_flight and not self._waiters:
             self.running += 1
@@ -184,20 +229,32 @@ class AdmissionControl:
         entry = (standing_from, waiter)
         self._waiters.append(entry)
         self.metrics.queued.set(self.queued)
+        # After the body, the server's receive() answers only when the connection ends; that
+        # cancels the waiter, as a cancelled request task does, so that no slot goes to it.
+        hang_up = None if receive is None else asyncio.ensure_future(receive())
+        if hang_up is not None:
+            hang_up.add_done_callback(lambda _: waiter.cancel())  # no-op once it has its slot
         try:
             async with asyncio.timeout(wait_seconds):
                 await waiter
-        except BaseException:
+        except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
                 # The slot was handed over just as the wait ended: take it rather than leak it.
                 return
+            if isinstance(exc, asyncio.CancelledError) and _ended(hang_up):
+                raise ClientDisconnect() from None
             raise
         finally:
             if not waiter.done():
                 waiter.cancel()
+            if hang_up is not None and not hang_up.done():
+                hang_up.cancel()
             if entry in self._waiters:
-                self._waiters.remove(entry)  # O(max_queued), only on timeout or cancellation
+                self._waiters.remove(entry)  # O(max_queued), only when a waiter gives up
             self.metrics.queued.set(self.queued)
+        if _ended(hang_up):  # in the same turn as the slot came: pass it on
+            self._release()
+            raise ClientDisconnect()
 
     def _release(self) -> None:
         """Hand the slot to a live waiter (running stays the same), or free it.
@@ -229,32 +286,8 @@ class AdmissionControl:
         budget: float | None,
     ) -> None:
         loop = asyncio.get_running_loop()
-        body_deadline = loop.time() + self.body_timeout
-        body_done = False
         started = False
         timeout: asyncio.Timeout | None = None
-
-        async def timed_receive() -> Message:
-            nonlocal body_done
-            if body_done:
-                return await receive()  # after the body, receive() waits for a disconnect
-            try:
-                async with asyncio.timeout_at(body_deadline):
-                    message = await receive()
-            except TimeoutError:
-                if timeout is not None and timeout.expired():
-                    raise  # the caller's deadline, not the body's
-                self.metrics.rejected.labels("body_timeout").inc()
-                raise RequestTimeout(
-                    f"body: not received within {self.body_timeout * 1000:g} ms",
-                    field="body",
-                    limit=self.body_timeout * 1000,
-                    # A half-read body leaves the connection unusable: close it.
-                    headers={"Connection": "close"},
-                ) from None
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                body_done = True
-            return message
 
         async def tracked_send(message: Message) -> None:
             nonlocal started
@@ -272,13 +305,13 @@ class AdmissionControl:
             await send(message)
 
         if deadline_at is None:
-            await self.app(scope, timed_receive, tracked_send)
+            await self.app(scope, receive, tracked_send)
             return
         try:
             async with asyncio.timeout_at(deadline_at) as timeout:
                 if loop.time() >= deadline_at:
                     raise TimeoutError  # spent while queued: do not start the work at all
-                await self.app(scope, timed_receive, tracked_send)
+                await self.app(scope, receive, tracked_send)
         except TimeoutError:
             if started or (timeout is not None and not timeout.expired()
                            and loop.time() < deadline_at):
@@ -296,3 +329,31 @@ class AdmissionControl:
     async def _refuse(self, exc: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
         self.metrics.errors.labels(exc.code).inc()
         await error_response(exc)(scope, receive, send)
+
+    async def _hung_up(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # As the app's handler for a hang-up does (service/errors.py): counted, timed as 499,
+        # nothing logged; uvicorn drops the answer, the peer is gone.
+        self.metrics.errors.labels("client_disconnected").inc()
+        await Response(status_code=CLIENT_CLOSED_REQUEST)(scope, receive, send)
+
+
+def _ended(hang_up: asyncio.Future[Message] | None) -> bool:
+    """True when the connection's receive() has answered (with its end, or an error)."""
+    if hang_up is None or not hang_up.done() or hang_up.cancelled():
+        return False
+    hang_up.exception()  # retrieved: whatever ended the connection, it has ended
+    return True
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive() that gives the app the body read before admission, then the server's own."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay

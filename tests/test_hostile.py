@@ -21,9 +21,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -37,6 +37,9 @@ from service.app import create_app
 from service.config import Settings
 from service.history import keys
 from service.overload import DEADLINE_HEADER
+
+if TYPE_CHECKING:
+    from conftest import PrivateRedis
 
 MAX_CANDIDATES = 100
 CASES = {"valid": 500, "mutated": 500, "raw": 250, "paths": 250}  # 1,500 generated requests
@@ -394,7 +397,7 @@ def test_a_slow_loris_body_is_cut_off_by_the_body_timeout(
 ) -> None:
     body = json.dumps({"user_id": "alice", "candidates": [{"item_id": 1}] * 20}).encode()
     head = score_head(body)
-    cut: list[tuple[bytes, float]] = []
+    cut: list[tuple[bytes, float, float]] = []  # (what came back, seconds it took, when)
 
     def loris() -> None:
         sock = raw_request(service.port, head)
@@ -412,42 +415,41 @@ def test_a_slow_loris_body_is_cut_off_by_the_body_timeout(
                 break
         except OSError:
             pass  # reset: cut off
-        answered_after = time.perf_counter() - start
+        answered_at = time.perf_counter()
         sock.settimeout(5)
         try:
             while chunk := sock.recv(65536):
                 got += chunk
         except OSError:
             pass
-        cut.append((got, answered_after))
+        cut.append((got, answered_at - start, answered_at))
         sock.close()
 
+    # Ten times as many lorises as processing slots (CTR_MAX_IN_FLIGHT 4).
     lorises = [threading.Thread(target=loris) for _ in range(40)]
     for thread in lorises:
         thread.start()
     time.sleep(0.3)
-    # While 40 slow clients hold connections (and, for a moment, processing slots), others are
-    # served: each loris holds its slot for at most the body timeout (1 s here).
+    # A body is read before its request takes a slot, so the lorises hold only their own
+    # connections: a normal request is served at once, before the first of them is cut off.
     answered = service.http.post("/score", json={"user_id": "alice",
                                                  "candidates": [{"item_id": 1}]}, timeout=30)
+    answered_at = time.perf_counter()
     for thread in lorises:
         thread.join(60)
-    assert answered.status_code in (200, 503), answered.text
+    assert answered.status_code == 200, answered.text
     assert len(cut) == 40
-    # More lorises than processing slots (CTR_MAX_IN_FLIGHT): those beyond are refused by
-    # admission control (503, before their body is read); the admitted ones are cut off by the
-    # body timeout (408). None is ever served or left hanging.
-    statuses = [got[:12] for got, _ in cut]
-    assert set(statuses) <= {b"HTTP/1.1 408", b"HTTP/1.1 503"}, statuses
-    assert statuses.count(b"HTTP/1.1 408") >= 1
-    for got, seconds in cut:
-        if got.startswith(b"HTTP/1.1 408"):
-            assert b"connection: close" in got.lower()
+    assert answered_at < min(when for _, _, when in cut)
+    # Each loris is cut off by the body timeout (408, connection closed); none is served, none
+    # refused for want of a slot, none left hanging.
+    statuses = [got[:12] for got, _, _ in cut]
+    assert statuses == [b"HTTP/1.1 408"] * 40, statuses
+    for got, seconds, _ in cut:
+        assert b"connection: close" in got.lower()
         assert seconds < 20  # cut off long before the 40 s the body would have taken
-    print(f"\nslow-loris bodies: {statuses.count(b'HTTP/1.1 408')} cut off with 408, "
-          f"{statuses.count(b'HTTP/1.1 503')} refused with 503, the last answered after "
-          f"{max(s for _, s in cut) * 1000:.0f} ms (body timeout 1000 ms); a normal request "
-          f"meanwhile: {answered.status_code}")
+    print(f"\nslow-loris bodies: 40 cut off with 408 after at most "
+          f"{max(s for _, s, _ in cut) * 1000:.0f} ms (body timeout 1000 ms); a normal request "
+          f"meanwhile: {answered.status_code}, {answered.elapsed.total_seconds() * 1000:.0f} ms")
     assert_still_correct(service, plain_bundle)
 
 
@@ -502,39 +504,48 @@ def test_a_client_that_hangs_up_mid_body_is_counted_not_logged_as_a_bug(
 
 
 def test_a_request_whose_caller_hung_up_while_it_was_queued_is_not_scored(
-    plain_bundle: Path, redis_url: str, tmp_path: Path,
+    serve: Callable[..., ServiceProcess], plain_bundle: Path, private_redis: PrivateRedis,
 ) -> None:
     # Under overload callers time out and go; what they left in the admission queue must not be
-    # scored for no one (the Redis read and the graph call are the expensive part). One slot:
-    # a slow body holds it while a second request queues behind it and hangs up.
-    prefix = f"hostile-queue-{uuid.uuid4().hex[:12]}"
-    svc = ServiceProcess(plain_bundle, redis_url, tmp_path / "service.log", reload_poll_seconds="0",
-                         warmup_runs="1", access_log="false", redis_prefix=prefix,
-                         max_in_flight="1", queue_timeout_ms="10000", body_timeout_ms="10000")
+    # scored for no one (the Redis read and the graph call are the expensive part), nor hold a
+    # place in the queue. One slot: a request whose Redis read stalls holds it while a second
+    # request queues behind it and hangs up.
+    svc = serve(plain_bundle, private_redis.url, redis_prefix="p", max_in_flight=1,
+                queue_timeout_ms=10000, redis_deadline_ms=5000)
     body = json.dumps({"user_id": "bob", "candidates": [{"item_id": 1}] * 5}).encode()
-    head = score_head(body)
-    with svc:
-        before = svc.http.get("/metrics").text
-        holder = raw_request(svc.port, head + body[:5])  # admitted: it reads its body
-        time.sleep(0.3)
-        quitter = raw_request(svc.port, head + body)  # whole request sent, queued for the slot
-        time.sleep(0.3)
-        quitter.close()
-        time.sleep(0.3)
-        holder.sendall(body[5:])
-        holder.settimeout(10)
-        assert holder.recv(65536).startswith(b"HTTP/1.1 200")
-        holder.close()
-        deadline = time.monotonic() + 10
-        while True:
-            after = svc.http.get("/metrics").text
-            gone = (metric(after, "ctr_errors_total", code="client_disconnected")
-                    - metric(before, "ctr_errors_total", code="client_disconnected"))
-            if gone >= 1 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert gone == 1
-        scored = (metric(after, "ctr_stage_duration_seconds_count", stage="history")
-                  - metric(before, "ctr_stage_duration_seconds_count", stage="history"))
-        assert scored == 1, "only the holder's request may reach Redis and the graph"
-        assert "Traceback" not in svc.log()
+    assert svc.http.post("/score", content=body,
+                         headers={"content-type": "application/json"}).status_code == 200
+    before = svc.http.get("/metrics").text
+    private_redis.pause(3000)
+    held: list[int] = []
+    holder = threading.Thread(target=lambda: held.append(svc.http.post(
+        "/score", content=body, headers={"content-type": "application/json"},
+        timeout=30).status_code))
+    holder.start()
+    time.sleep(0.3)  # the holder has the slot and waits for Redis
+    quitter = raw_request(svc.port, score_head(body) + body)  # whole request sent: it queues
+    time.sleep(0.3)
+    quitter.close()
+
+    def disconnects(text: str) -> float:
+        return metric(text, "ctr_errors_total", code="client_disconnected")
+
+    deadline = time.monotonic() + 10
+    while True:
+        after = svc.http.get("/metrics").text
+        if disconnects(after) - disconnects(before) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    # Counted while Redis is still paused and the holder still waits: it left the queue at once.
+    assert disconnects(after) - disconnects(before) == 1
+    assert holder.is_alive()
+    holder.join(30)
+    assert held == [200]
+    after = svc.http.get("/metrics").text
+    scored = (metric(after, "ctr_stage_duration_seconds_count", stage="history")
+              - metric(before, "ctr_stage_duration_seconds_count", stage="history"))
+    assert scored == 1, "only the holder's request may reach Redis and the graph"
+    assert metric(after, "ctr_request_duration_seconds_count", route="/score", method="POST",
+                  status="499") - metric(before, "ctr_request_duration_seconds_count",
+                                         route="/score", method="POST", status="499") == 1
+    assert "Traceback" not in svc.log()

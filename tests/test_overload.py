@@ -72,8 +72,12 @@ def gate(app: Any, **overrides: Any) -> AdmissionControl:
 
 async def call(app: Any, name: str = "", *, path: str = "/score", method: str = "POST",
                headers: dict[str, str] | None = None, body: list[bytes] | None = None,
-               stall_body: bool = False) -> Reply:
-    """One ASGI request; body chunks are delivered one per receive(); stall_body never ends it."""
+               stall_body: bool = False, hang_up: asyncio.Event | None = None) -> Reply:
+    """One ASGI request; body chunks are delivered one per receive(); stall_body never ends it.
+
+    Once the body is out, receive() answers http.disconnect when `hang_up` is set (never without
+    one), as a server's does when the caller closes its connection.
+    """
     chunks = list(body if body is not None else [b"{}"])
     raw_headers = [(b"x-name", name.encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -81,7 +85,7 @@ async def call(app: Any, name: str = "", *, path: str = "/score", method: str = 
              "query_string": b"", "http_version": "1.1", "scheme": "http",
              "server": ("test", 80), "client": ("test", 1), "root_path": ""}
     sent: list[dict[str, Any]] = []
-    forever = asyncio.Event()
+    forever = hang_up or asyncio.Event()
 
     async def receive() -> dict[str, Any]:
         if chunks:
@@ -98,7 +102,7 @@ async def call(app: Any, name: str = "", *, path: str = "/score", method: str = 
     start = next(m for m in sent if m["type"] == "http.response.start")
     payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     head = {k.decode().lower(): v.decode() for k, v in start["headers"]}
-    return start["status"], head, orjson.loads(payload)
+    return start["status"], head, orjson.loads(payload) if payload else {}
 
 
 async def settle() -> None:
@@ -283,7 +287,8 @@ def test_a_client_that_leaves_as_its_slot_frees_is_skipped(lifo_after: float) ->
 @settings(max_examples=150, deadline=None)
 @given(
     steps=st.lists(st.tuples(st.sampled_from(["arrive", "arrive_with_deadline", "finish",
-                                              "client_leaves"]), st.integers(0, 99),
+                                              "client_leaves", "client_hangs_up"]),
+                             st.integers(0, 99),
                              st.booleans()),
                    max_size=40),
     max_in_flight=st.integers(1, 3),
@@ -295,8 +300,10 @@ def test_the_gate_never_oversubscribes_idles_or_leaks_a_slot(
 ) -> None:
     """Arrivals, answers and clients leaving while queued, in any order, either queue order.
 
-    A step may run in the same loop turn as the next one (`then_settle` false): a client that
-    leaves just before a slot frees is still in the queue, done, when the slot is handed over.
+    A client leaves in one of two ways: its request task is cancelled, or its connection closes
+    (receive() answers http.disconnect). A step may run in the same loop turn as the next one
+    (`then_settle` false): a client that leaves just before a slot frees is still in the queue,
+    done, when the slot is handed over.
     """
 
     async def scenario() -> None:
@@ -304,6 +311,7 @@ def test_the_gate_never_oversubscribes_idles_or_leaks_a_slot(
         app = gate(inner, max_in_flight=max_in_flight, max_queued=max_queued,
                    lifo_after_seconds=lifo_after)
         tasks: dict[str, asyncio.Task[Reply]] = {}
+        hang_ups: dict[str, asyncio.Event] = {}
 
         def live(name: str) -> bool:
             return not tasks[name].done()
@@ -313,11 +321,15 @@ def test_the_gate_never_oversubscribes_idles_or_leaks_a_slot(
             waiting = [n for n in tasks if live(n) and n not in inner.entered]
             if op.startswith("arrive"):
                 headers = {DEADLINE_HEADER: "60000"} if op == "arrive_with_deadline" else {}
-                tasks[f"r{i}"] = asyncio.create_task(call(app, f"r{i}", headers=headers))
+                hang_ups[f"r{i}"] = asyncio.Event()
+                tasks[f"r{i}"] = asyncio.create_task(
+                    call(app, f"r{i}", headers=headers, hang_up=hang_ups[f"r{i}"]))
             elif op == "finish" and in_app:
                 inner.go.setdefault(in_app[k % len(in_app)], asyncio.Event()).set()
             elif op == "client_leaves" and waiting:
                 tasks[waiting[k % len(waiting)]].cancel()
+            elif op == "client_hangs_up" and waiting:
+                hang_ups[waiting[k % len(waiting)]].set()
             if not then_settle:
                 continue
             await settle()
@@ -333,6 +345,8 @@ def test_the_gate_never_oversubscribes_idles_or_leaks_a_slot(
         for name, reply in zip(tasks, replies, strict=True):
             if name in inner.entered:
                 assert not isinstance(reply, BaseException) and reply[0] == 200
+            elif hang_ups[name].is_set() and not isinstance(reply, BaseException):
+                assert reply[0] in (499, 503)  # left the queue, or refused before it hung up
             else:  # refused at once (queue full) or its client left while it waited
                 assert isinstance(reply, asyncio.CancelledError) or reply[0] == 503
 
@@ -444,21 +458,76 @@ def test_a_malformed_deadline_header_is_a_422_naming_it(value: str) -> None:
     asyncio.run(scenario())
 
 
-def test_a_body_trickled_slower_than_the_body_timeout_gets_408_and_connection_close() -> None:
+def test_a_body_trickled_slower_than_the_body_timeout_gets_408_and_holds_no_slot() -> None:
     async def scenario() -> None:
         inner = Blocker()
         inner.release.set()
-        app = gate(inner, max_in_flight=1, max_queued=0, body_timeout_seconds=0.05)
-        # A real app turns RequestTimeout into its answer; here it escapes the bare Blocker.
-        from service.errors import RequestTimeout
-
-        with pytest.raises(RequestTimeout) as raised:
-            await asyncio.wait_for(call(app, "loris", body=[b'{"user'], stall_body=True), 2.0)
-        assert raised.value.status == 408 and raised.value.headers["Connection"] == "close"
-        assert app.running == 0  # the slot is free again
+        app = gate(inner, max_in_flight=1, max_queued=0, body_timeout_seconds=0.5)
+        loris = asyncio.create_task(call(app, "loris", body=[b'{"user'], stall_body=True))
+        await settle()
+        # The one slot stays free while the loris trickles: the others are served meanwhile.
+        assert app.running == 0
+        for i in range(3):
+            assert (await call(app, f"ok{i}", body=[b"{", b"}"]))[0] == 200
+        assert not loris.done()
+        status, head, body = await asyncio.wait_for(loris, 2.0)
+        assert status == 408 and body["field"] == "body" and body["limit"] == 500
+        assert head["connection"] == "close"
+        assert inner.entered == ["ok0", "ok1", "ok2"]  # the loris never reached the app
         text = app.metrics.exposition().decode()
         assert metric(text, "ctr_rejected_requests_total", reason="body_timeout") == 1
-        assert (await call(app, "ok", body=[b"{", b"}"]))[0] == 200
+        assert metric(text, "ctr_errors_total", code="request_timeout") == 1
+        assert app.running == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_caller_that_hangs_up_while_queued_leaves_the_queue_at_once_and_is_not_run() -> None:
+    async def scenario() -> None:
+        inner = Blocker()
+        app = gate(inner, max_in_flight=1, max_queued=2)
+        first = asyncio.create_task(call(app, "a"))
+        await settle()
+        gone = asyncio.Event()
+        quitter = asyncio.create_task(call(app, "quitter", hang_up=gone))
+        stayer = asyncio.create_task(call(app, "stayer"))
+        await settle()
+        assert app.queued == 2
+        gone.set()  # its connection closes while the slot is still held by "a"
+        status, _, _ = await asyncio.wait_for(quitter, 2.0)
+        assert status == 499 and app.queued == 1 and app.running == 1
+        text = app.metrics.exposition().decode()
+        assert metric(text, "ctr_errors_total", code="client_disconnected") == 1
+        inner.release.set()
+        assert (await first)[0] == 200 and (await stayer)[0] == 200
+        assert inner.entered == ["a", "stayer"]
+        assert app.running == 0 and app.queued == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("hang_up_first", [True, False])
+def test_a_hang_up_racing_the_slot_handover_neither_runs_nor_leaks_the_slot(
+    hang_up_first: bool,
+) -> None:
+    async def scenario() -> None:
+        inner = Blocker()
+        app = gate(inner, max_in_flight=1, max_queued=2)
+        first = asyncio.create_task(call(app, "a"))
+        await settle()
+        gone = asyncio.Event()
+        quitter = asyncio.create_task(call(app, "quitter", hang_up=gone))
+        stayer = asyncio.create_task(call(app, "stayer"))
+        await settle()
+        # In the same turn: the quitter hangs up, and "a" is let finish (its slot goes to the
+        # quitter, the oldest waiter, unless the hang-up took it out of the queue first).
+        for event in (gone, inner.release) if hang_up_first else (inner.release, gone):
+            event.set()
+        assert (await first)[0] == 200
+        assert (await asyncio.wait_for(quitter, 2.0))[0] == 499
+        assert (await asyncio.wait_for(stayer, 2.0))[0] == 200
+        assert inner.entered == ["a", "stayer"]
+        assert app.running == 0 and app.queued == 0
 
     asyncio.run(scenario())
 
