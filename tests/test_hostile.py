@@ -469,6 +469,20 @@ def test_clients_that_never_finish_their_headers_do_not_block_others(
             sock.close()
 
 
+def disconnects(text: str) -> float:
+    return metric(text, "ctr_errors_total", code="client_disconnected")
+
+
+def metrics_after_disconnects(svc: ServiceProcess, before: str, n: int) -> str:
+    """/metrics once `n` more hang-ups than in `before` are counted (or after 10 s)."""
+    deadline = time.monotonic() + 10
+    while True:
+        after = svc.http.get("/metrics").text
+        if disconnects(after) - disconnects(before) >= n or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
+
+
 def test_a_client_that_hangs_up_mid_body_is_counted_not_logged_as_a_bug(
     service: ServiceProcess, plain_bundle: Path,
 ) -> None:
@@ -484,15 +498,7 @@ def test_a_client_that_hangs_up_mid_body_is_counted_not_logged_as_a_bug(
         time.sleep(0.05)  # the half body is read and the route waits for the rest
         sock.close()
 
-    def disconnects(text: str) -> float:
-        return metric(text, "ctr_errors_total", code="client_disconnected")
-
-    deadline = time.monotonic() + 10
-    while True:
-        after = service.http.get("/metrics").text
-        if disconnects(after) - disconnects(before) >= hang_ups or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    after = metrics_after_disconnects(service, before, hang_ups)
     assert disconnects(after) - disconnects(before) == hang_ups
     assert metric(after, "ctr_errors_total", code="internal_error") == metric(
         before, "ctr_errors_total", code="internal_error")
@@ -527,15 +533,7 @@ def test_a_request_whose_caller_hung_up_while_it_was_queued_is_not_scored(
     time.sleep(0.3)
     quitter.close()
 
-    def disconnects(text: str) -> float:
-        return metric(text, "ctr_errors_total", code="client_disconnected")
-
-    deadline = time.monotonic() + 10
-    while True:
-        after = svc.http.get("/metrics").text
-        if disconnects(after) - disconnects(before) >= 1 or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    after = metrics_after_disconnects(svc, before, 1)
     # Counted while Redis is still paused and the holder still waits: it left the queue at once.
     assert disconnects(after) - disconnects(before) == 1
     assert holder.is_alive()

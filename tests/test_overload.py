@@ -482,16 +482,24 @@ def test_a_body_trickled_slower_than_the_body_timeout_gets_408_and_holds_no_slot
     asyncio.run(scenario())
 
 
+async def quitter_behind_one() -> tuple[
+    Blocker, AdmissionControl, asyncio.Event, tuple[asyncio.Task[Reply], ...]
+]:
+    """One slot held by "a"; "quitter" (hangs up when the event is set) and "stayer" queued."""
+    inner = Blocker()
+    app = gate(inner, max_in_flight=1, max_queued=2)
+    first = asyncio.create_task(call(app, "a"))
+    await settle()
+    gone = asyncio.Event()
+    quitter = asyncio.create_task(call(app, "quitter", hang_up=gone))
+    stayer = asyncio.create_task(call(app, "stayer"))
+    await settle()
+    return inner, app, gone, (first, quitter, stayer)
+
+
 def test_a_caller_that_hangs_up_while_queued_leaves_the_queue_at_once_and_is_not_run() -> None:
     async def scenario() -> None:
-        inner = Blocker()
-        app = gate(inner, max_in_flight=1, max_queued=2)
-        first = asyncio.create_task(call(app, "a"))
-        await settle()
-        gone = asyncio.Event()
-        quitter = asyncio.create_task(call(app, "quitter", hang_up=gone))
-        stayer = asyncio.create_task(call(app, "stayer"))
-        await settle()
+        inner, app, gone, (first, quitter, stayer) = await quitter_behind_one()
         assert app.queued == 2
         gone.set()  # its connection closes while the slot is still held by "a"
         status, _, _ = await asyncio.wait_for(quitter, 2.0)
@@ -511,14 +519,7 @@ def test_a_hang_up_racing_the_slot_handover_neither_runs_nor_leaks_the_slot(
     hang_up_first: bool,
 ) -> None:
     async def scenario() -> None:
-        inner = Blocker()
-        app = gate(inner, max_in_flight=1, max_queued=2)
-        first = asyncio.create_task(call(app, "a"))
-        await settle()
-        gone = asyncio.Event()
-        quitter = asyncio.create_task(call(app, "quitter", hang_up=gone))
-        stayer = asyncio.create_task(call(app, "stayer"))
-        await settle()
+        inner, app, gone, (first, quitter, stayer) = await quitter_behind_one()
         # In the same turn: the quitter hangs up, and "a" is let finish (its slot goes to the
         # quitter, the oldest waiter, unless the hang-up took it out of the queue first).
         for event in (gone, inner.release) if hang_up_first else (inner.release, gone):
