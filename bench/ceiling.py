@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import machinecpu
 from bench.loadreport import write_json
 from service.config import Settings
 from service.errors import BundleRejected
@@ -43,6 +44,8 @@ class CeilingResult:
     p50_ms: float
     p99_ms: float
     max_ms: float
+    # The host's share of the machine's CPU time meanwhile (bench/machinecpu.py); None if unknown.
+    steal_pct: float | None = None
 
 
 def load_model(model_dir: Path) -> CTRModel:
@@ -96,12 +99,14 @@ def measure_ceiling(model: CTRModel, feeds: dict[str, Int64Array], callers: int,
                for k in range(callers)]
     for thread in threads:
         thread.start()
+    machine = machinecpu.snapshot()
     began = time.perf_counter()
     deadline = began + seconds  # set before the barrier releases the callers
     start.wait()
     for thread in threads:
         thread.join()
     elapsed = time.perf_counter() - began
+    cpu = machinecpu.window(machine, machinecpu.snapshot())
     if failures:
         raise failures[0]
     latencies = np.sort(np.concatenate([np.asarray(w) for w in walls])) * 1e3
@@ -115,14 +120,16 @@ def measure_ceiling(model: CTRModel, feeds: dict[str, Int64Array], callers: int,
         p50_ms=round(float(np.percentile(latencies, 50)), 4),
         p99_ms=round(float(np.percentile(latencies, 99)), 4),
         max_ms=round(float(latencies[-1]), 4),
+        steal_pct=cpu.steal_pct if cpu else None,
     )
 
 
 def describe(result: CeilingResult) -> str:
     noun = "caller" if result.callers == 1 else "callers"
+    steal = "" if result.steal_pct is None else f", {result.steal_pct:.1f} % steal"
     return (f"{result.callers} {noun}: {result.calls_per_s:.1f} calls/s (CPU "
             f"{result.cpu_ms_per_call:.2f} ms per call, p50 {result.p50_ms:.2f} ms, "
-            f"p99 {result.p99_ms:.2f} ms, {result.calls} calls)")
+            f"p99 {result.p99_ms:.2f} ms, {result.calls} calls{steal})")
 
 
 def ceiling_report(model_dir: Path, candidates: int, history_length: int | None,

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from numpy.typing import NDArray  # noqa: E402
 
+from bench import machinecpu  # noqa: E402
+from bench.machinecpu import CpuWindow  # noqa: E402
 from model_export.din import DIN, Dice, preset_config  # noqa: E402
 from model_export.export import (  # noqa: E402
     Feeds,
@@ -312,7 +314,9 @@ def bench_workload(
             got = v.call()
             assert got is not None
             diffs[v.name] = float(np.max(np.abs(got.astype(np.float64) - reference)))
+        before = machinecpu.snapshot()
         time_round_robin(variants, args.repeats, args.warmup)
+        cpu = machinecpu.window(before, machinecpu.snapshot())
         stats = {v.name: v.stats() for v in variants}
         median = {name: s["median_ms"] for name, s in stats.items()}
         p99 = {name: s["p99_ms"] for name, s in stats.items()}
@@ -349,6 +353,9 @@ def bench_workload(
                 and diffs["serving"] <= 1e-5 and diffs["naive"] <= 1e-5,
             },
             "export_seconds": round(export_seconds, 1),
+            # The whole machine while the variants were timed (bench/machinecpu.py): a ratio
+            # measured while the host took CPU time is noisier than one measured without.
+            "machine": asdict(cpu) if cpu else None,
         })
         print_result(results[-1])
     return results
@@ -372,6 +379,8 @@ def print_result(r: dict[str, Any]) -> None:
           f"(target >= {target['naive/serving']}x, scores within 1e-5: "
           f"{'met' if target['met'] else 'NOT met'}); serving graph reaches "
           f"{r['roofline']['fraction_of_matmul_throughput']:.0%} of a plain MatMul's throughput")
+    if r["machine"]:
+        print(f"  {machinecpu.describe(CpuWindow(**r['machine']))} while timed")
 
 
 def machine() -> dict[str, Any]:

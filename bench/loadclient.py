@@ -31,7 +31,9 @@ from typing import Any, TypeVar
 import orjson
 from hdrh.histogram import HdrHistogram
 
+from bench import machinecpu
 from bench.loadhttp import HttpConnection, Job, Target
+from bench.machinecpu import CpuWindow
 
 # Latencies are recorded in microseconds, from 1 µs to 1 h, with 3 significant digits.
 HIST_LOWEST_US = 1
@@ -118,6 +120,8 @@ class PhaseResult:
     elapsed_s: float = 0.0
     client_cpu_user_s: float = 0.0
     client_cpu_sys_s: float = 0.0
+    # The whole machine over the same window: busy and steal shares (bench/machinecpu.py).
+    machine: CpuWindow | None = None
     # Requests that found every connection busy with the pool at its cap, and when that began.
     queued_at_cap: int = 0
     first_queued_at_s: float | None = None
@@ -397,6 +401,7 @@ class OpenLoopClient:
         self._last_answer = start
         sweeper = loop.create_task(self._sweeper())
         cpu_start = resource.getrusage(resource.RUSAGE_SELF)
+        machine_start = machinecpu.snapshot()
         waiting, lag = self._waiting, phase.lag_ms
         counted_upto = -1
         i, n = 0, len(offsets)
@@ -430,6 +435,7 @@ class OpenLoopClient:
         finally:
             sweeper.cancel()
         cpu_end = resource.getrusage(resource.RUSAGE_SELF)
+        phase.machine = machinecpu.window(machine_start, machinecpu.snapshot())
         phase.client_cpu_user_s = cpu_end.ru_utime - cpu_start.ru_utime
         phase.client_cpu_sys_s = cpu_end.ru_stime - cpu_start.ru_stime
         phase.elapsed_s = max(span, self._last_answer - start)

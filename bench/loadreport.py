@@ -13,12 +13,14 @@ import math
 import os
 import platform
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from bench.loadclient import PhaseResult
+from bench.machinecpu import describe as describe_machine
 from bench.servermetrics import format_summary
 
 SCHEMA_VERSION = 1
@@ -46,6 +48,8 @@ def phase_to_dict(phase: PhaseResult) -> dict[str, Any]:
         "service_time_ms": phase.summary["service_time"],
         # The target's own account from its /metrics, when it has one (bench/servermetrics.py).
         "server": phase.server,
+        # The whole machine over the phase: busy and host-steal shares (bench/machinecpu.py).
+        "machine": asdict(phase.machine) if phase.machine else None,
         "client": {
             "cpu_s": round(phase.client_cpu_s, 4),
             "cpu_user_s": round(phase.client_cpu_user_s, 4),
@@ -73,6 +77,13 @@ def phase_to_dict(phase: PhaseResult) -> dict[str, Any]:
     }
 
 
+def noisiest_phase(phases: Sequence[PhaseResult]) -> tuple[str, float] | None:
+    """The phase in which the host took the largest share of CPU time, and that share (%)."""
+    measured = [(p.name, p.machine.steal_pct) for p in phases
+                if p.machine is not None and p.machine.steal_pct is not None]
+    return max(measured, key=lambda named: named[1], default=None)
+
+
 def build_report(*, target: str, mode: str, config: dict[str, Any], payload: dict[str, Any],
                  phases: Sequence[PhaseResult], saturation: dict[str, Any] | None,
                  started_at: str, finished_at: str, event_loop: str,
@@ -80,6 +91,7 @@ def build_report(*, target: str, mode: str, config: dict[str, Any], payload: dic
     cpu = sum(p.client_cpu_s for p in phases)
     user = sum(p.client_cpu_user_s for p in phases)
     finished = sum(p.finished for p in phases)
+    noisiest = noisiest_phase(phases)
     return {
         "tool": "dinserve loadtest",
         "schema_version": SCHEMA_VERSION,
@@ -93,6 +105,9 @@ def build_report(*, target: str, mode: str, config: dict[str, Any], payload: dic
             "platform": platform.platform(),
             "python": platform.python_version(),
             "event_loop": event_loop,
+            # The largest share of CPU time the host took in any phase, and where.
+            "steal_pct_max": noisiest[1] if noisiest else None,
+            "steal_phase": noisiest[0] if noisiest else None,
         },
         "payload": payload,
         "phases": [phase_to_dict(p) for p in phases],
@@ -255,4 +270,6 @@ def format_table(phases: Sequence[PhaseResult]) -> str:
                          f"(first at {p.first_queued_at_s} s)")
         if p.server:
             lines.append(f"    {format_summary(p.server)}")
+        if p.machine:
+            lines.append(f"    {describe_machine(p.machine)}")
     return "\n".join(lines)

@@ -48,6 +48,7 @@ from bench.loadpayload import (
     users_from_redis,
 )
 from bench.loadreport import build_report, draw_picture, format_table, write_json
+from bench.machinecpu import NOISY_STEAL_PCT
 from bench.servermetrics import metrics_url, phase_summary, scrape
 from service.heap import frozen_heap
 
@@ -441,6 +442,10 @@ def run(args: argparse.Namespace) -> int:
         shares = " / ".join(f"{share:.0%}" for share in ceiling["share_of_ceiling"])
         print(f"throughput {throughput:.1f}/s = {shares} of the graph's ceiling (before / after)")
     print(f"client: {report['client']['cpu_us_per_request']} µs CPU per request")
+    steal, phase = report["machine"]["steal_pct_max"], report["machine"]["steal_phase"]
+    if steal is not None and steal >= NOISY_STEAL_PCT:
+        print(f"note: the host took {steal:.1f} % of this machine's CPU time in phase {phase} "
+              f"(steal): its throughput and tail latency understate the service there")
     print(f"report: {out_dir / 'report.json'}"
           + (f", picture: {out_dir / report['picture']}" if report["picture"] else ""))
     return 0 if any(p.ok for p in result.phases) else 1

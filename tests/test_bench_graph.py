@@ -75,3 +75,5 @@ def test_bench_command_reports_every_variant(tmp_path: Path) -> None:
     variants = result["variants"]
     assert variants["serving"]["mflops"] == variants["serving_channel"]["mflops"]
     assert 0 < result["roofline"]["fraction_of_matmul_throughput"]
+    # The machine while the variants were timed: busy with them; Linux reports the host's steal.
+    assert 0 < result["machine"]["busy_pct"] <= 100 and 0 <= result["machine"]["steal_pct"] <= 100

@@ -52,6 +52,8 @@ def test_each_caller_count_reports_consistent_counts(plain_bundle: Path) -> None
         assert 0 < result.p50_ms <= result.p99_ms <= result.max_ms
         # Each call's CPU is spent inside its own wall time (one intra-op thread per call).
         assert 0 < result.cpu_ms_per_call <= result.max_ms
+        # The host's share of the machine meanwhile, which Linux reports.
+        assert result.steal_pct is not None and 0 <= result.steal_pct <= 100
 
 
 def test_the_command_writes_its_report(plain_bundle: Path, tmp_path: Path,

@@ -16,9 +16,10 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
+import psutil
 import pytest
 import redis
 import uvicorn
@@ -37,7 +38,9 @@ from bench.loadpayload import (
     seed_histories,
     users_from_redis,
 )
+from bench.loadreport import noisiest_phase
 from bench.loadtest import LoadSettings, measure
+from bench.machinecpu import CpuWindow, window
 from bench.servermetrics import parse_exposition, phase_summary
 from dinserve.cli import main as cli_main
 from service.history import keys
@@ -339,6 +342,11 @@ def test_cli_writes_report_and_picture(server: LiveServer, tmp_path: Path) -> No
     assert phase["errors"] == {"500": server.state.statuses["flaky"][500]}
     assert phase["ok"] + phase["errors"]["500"] == 80
     assert phase["server"] is None  # this server has no /metrics: the run goes on without
+    # The machine's account of the phase: the tester and the server ran on it, so it was busy.
+    assert 0 < phase["machine"]["busy_pct"] <= 100
+    assert 0 <= phase["machine"]["steal_pct"] <= 100  # Linux reports steal
+    assert report["machine"]["steal_phase"] == "constant"
+    assert report["machine"]["steal_pct_max"] == phase["machine"]["steal_pct"]
     for key in ("cpu_us_per_request", "dispatch_lag_ms", "peak_connections", "queued_at_cap"):
         assert key in phase["client"]
     assert report["client"]["cpu_us_per_request"] > 0
@@ -471,6 +479,39 @@ def test_a_dinserve_target_gives_its_own_account_of_each_phase(
     assert server["errors"] == {}
     (plain,) = orjson.loads((tmp_path / "without" / "report.json").read_bytes())["phases"]
     assert plain["server"] is None
+
+
+class BareCpuTimes(NamedTuple):
+    """psutil.cpu_times() on a platform that reports neither iowait nor steal."""
+
+    user: float
+    system: float
+    idle: float
+
+
+def test_the_machine_account_is_the_difference_of_two_readings() -> None:
+    times = type(psutil.cpu_times())  # the real record type, with this platform's fields
+    zero = times(*[0.0] * len(times._fields))
+    spent = {"user": 6.0, "system": 2.0, "idle": 10.0, "iowait": 1.0, "steal": 1.0,
+             "guest": 3.0}  # guest time is inside user time too: counted once
+    after = zero._replace(**{k: v for k, v in spent.items() if k in times._fields})
+    cpu = window(zero, after)
+    assert cpu is not None
+    assert cpu.busy_pct == pytest.approx(100 * 8 / 20)
+    assert cpu.steal_pct == pytest.approx(100 * 1 / 20)
+    assert window(after, after) is None  # no tick counted in between: nothing to say
+    # A platform that does not report steal: busy still, steal unknown.
+    cpu = window(BareCpuTimes(0.0, 0.0, 0.0), BareCpuTimes(1.0, 1.0, 2.0))
+    assert cpu == CpuWindow(busy_pct=50.0, steal_pct=None)
+
+
+def test_the_report_names_the_phase_the_host_took_most_from() -> None:
+    phases = [replace(PhaseResult(name, 10.0, 10, 1.0), machine=machine)
+              for name, machine in [("step-1", CpuWindow(40.0, 0.5)), ("step-2", None),
+                                    ("step-3", CpuWindow(90.0, 7.25)),
+                                    ("step-4", CpuWindow(95.0, None))]]
+    assert noisiest_phase(phases) == ("step-3", 7.25)
+    assert noisiest_phase(phases[1:2]) is None
 
 
 def test_the_server_account_is_the_difference_of_two_expositions() -> None:
