@@ -145,6 +145,11 @@ def _ms(phase: PhaseResult, name: str) -> float:
     return phase.percentile_ms(name) if phase.ok else 0.0
 
 
+def _steal(phase: PhaseResult) -> float | None:
+    """The host's share of the machine's CPU time during the phase: beside each headline figure."""
+    return phase.machine.steal_pct if phase.machine else None
+
+
 async def _saturation(client: OpenLoopClient, settings: LoadSettings,
                       phases: list[PhaseResult],
                       run: Callable[[str, float, float], Awaitable[PhaseResult]]
@@ -158,7 +163,8 @@ async def _saturation(client: OpenLoopClient, settings: LoadSettings,
                       "achieved_rps": round(phase.achieved_rps, 3),
                       "p50_ms": _ms(phase, "p50"), "p99_ms": _ms(phase, "p99"),
                       "error_rate": round(phase.error_count / max(phase.finished, 1), 6),
-                      "passed": verdict is None, "verdict": verdict or "ok"})
+                      "passed": verdict is None, "verdict": verdict or "ok",
+                      "steal_pct": _steal(phase)})
         return verdict
 
     rate = settings.start_rate
@@ -197,6 +203,7 @@ async def _saturation(client: OpenLoopClient, settings: LoadSettings,
                 "p50_ms": _ms(phase, "p50"), "p90_ms": _ms(phase, "p90"),
                 "p99_ms": _ms(phase, "p99"), "p99.9_ms": _ms(phase, "p99.9"),
                 "errors": dict(phase.errors),
+                "steal_pct": _steal(phase),
             })
     return {
         "saturation_rps": round(saturation_rps, 3),
@@ -436,8 +443,9 @@ def run(args: argparse.Namespace) -> int:
         sat = result.saturation
         print(f"saturation: {sat['saturation_rps']:.1f}/s (stopped: {sat['stop_reason']})")
         for row in sat["fractions"]:
+            steal = "" if row["steal_pct"] is None else f" ({row['steal_pct']:.1f} % steal)"
             print(f"  at {row['fraction']:.0%} ({row['offered_rps']:.1f}/s): "
-                  f"p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms")
+                  f"p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms{steal}")
     if ceiling is not None and ceiling["share_of_ceiling"]:
         shares = " / ".join(f"{share:.0%}" for share in ceiling["share_of_ceiling"])
         print(f"throughput {throughput:.1f}/s = {shares} of the graph's ceiling (before / after)")

@@ -390,6 +390,10 @@ def test_find_saturation_stops_and_reports_a_rate(server: LiveServer, tmp_path: 
     assert frac["offered_rps"] == pytest.approx(0.5 * sat["saturation_rps"], rel=1e-3)
     names = [p["name"] for p in report["phases"]]
     assert names[0] == "step-1" and names[-1] == "at-50%"
+    # Each step and fraction carries the host's steal over its phase, as the phase recorded it.
+    steal = {p["name"]: p["machine"]["steal_pct"] for p in report["phases"]}
+    for row in [*sat["steps"], frac]:
+        assert row["steal_pct"] == steal[row["name"]] and 0 <= row["steal_pct"] <= 100
     assert (out / "latency.png").stat().st_size > 5000
 
 
