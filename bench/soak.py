@@ -34,6 +34,7 @@ from bench.loadhttp import Target
 from bench.loadpayload import build_bodies, read_items, seed_histories
 from bench.loadreport import write_json
 from bench.loadtest import LoadSettings, measure
+from bench.machinecpu import describe
 from dinserve import processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,8 +226,9 @@ async def soak_windows(url: str, bodies: list[bytes], rate: float, settings: Soa
             rss.append(rss_mib(sampler.pid))
             if k == 0:
                 first_end = time.monotonic()
+            steal = "" if phase.machine is None else f", {describe(phase.machine)}"
             print(f"soak: window {k + 1}/{count}: {phase.ok} ok, {phase.error_count} errors, "
-                  f"p99 {phase.percentile_ms('p99'):.2f} ms, RSS {rss[-1] or 0:.1f} MiB",
+                  f"p99 {phase.percentile_ms('p99'):.2f} ms, RSS {rss[-1] or 0:.1f} MiB{steal}",
                   flush=True)
     finally:
         await client.close()
@@ -294,6 +296,8 @@ def window_rows(phases: list[PhaseResult], rss: list[float | None]) -> list[dict
         "achieved_rps": round(p.achieved_rps, 3), "ok": p.ok, "errors": dict(p.errors),
         "degraded": p.degraded, "p50_ms": p.percentile_ms("p50"),
         "p99_ms": p.percentile_ms("p99"), "max_ms": p.percentile_ms("max"), "rss_mib": r,
+        # A window's p99 moves with the host's steal as much as with the service (machinecpu.py).
+        "steal_pct": p.machine.steal_pct if p.machine else None,
     } for p, r in zip(phases, rss, strict=True)]
 
 

@@ -51,6 +51,7 @@ def test_short_soak_passes_with_zero_errors_and_flat_memory(
     for window in windows:
         assert window["errors"] == {} and window["ok"] > 0
         assert window["p99_ms"] > 0 and window["rss_mib"] > 0
+        assert 0 <= window["steal_pct"] <= 100  # the host's share, beside the window's p99
     # The seeded histories were read: at most 1% of the answers degraded.
     assert sum(w["degraded"] for w in windows) <= sum(w["ok"] for w in windows) // 100
     assert summary["rss_growth_pct"] < 10
