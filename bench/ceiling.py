@@ -120,7 +120,7 @@ def measure_ceiling(model: CTRModel, feeds: dict[str, Int64Array], callers: int,
         p50_ms=round(float(np.percentile(latencies, 50)), 4),
         p99_ms=round(float(np.percentile(latencies, 99)), 4),
         max_ms=round(float(latencies[-1]), 4),
-        steal_pct=cpu.steal_pct if cpu else None,
+        steal_pct=machinecpu.steal_of(cpu),
     )
 
 

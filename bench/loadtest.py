@@ -48,7 +48,7 @@ from bench.loadpayload import (
     users_from_redis,
 )
 from bench.loadreport import build_report, draw_picture, format_table, write_json
-from bench.machinecpu import NOISY_STEAL_PCT
+from bench.machinecpu import NOISY_STEAL_PCT, steal_of
 from bench.servermetrics import metrics_url, phase_summary, scrape
 from service.heap import frozen_heap
 
@@ -145,11 +145,6 @@ def _ms(phase: PhaseResult, name: str) -> float:
     return phase.percentile_ms(name) if phase.ok else 0.0
 
 
-def _steal(phase: PhaseResult) -> float | None:
-    """The host's share of the machine's CPU time during the phase: beside each headline figure."""
-    return phase.machine.steal_pct if phase.machine else None
-
-
 async def _saturation(client: OpenLoopClient, settings: LoadSettings,
                       phases: list[PhaseResult],
                       run: Callable[[str, float, float], Awaitable[PhaseResult]]
@@ -164,7 +159,7 @@ async def _saturation(client: OpenLoopClient, settings: LoadSettings,
                       "p50_ms": _ms(phase, "p50"), "p99_ms": _ms(phase, "p99"),
                       "error_rate": round(phase.error_count / max(phase.finished, 1), 6),
                       "passed": verdict is None, "verdict": verdict or "ok",
-                      "steal_pct": _steal(phase)})
+                      "steal_pct": steal_of(phase.machine)})
         return verdict
 
     rate = settings.start_rate
@@ -203,7 +198,7 @@ async def _saturation(client: OpenLoopClient, settings: LoadSettings,
                 "p50_ms": _ms(phase, "p50"), "p90_ms": _ms(phase, "p90"),
                 "p99_ms": _ms(phase, "p99"), "p99.9_ms": _ms(phase, "p99.9"),
                 "errors": dict(phase.errors),
-                "steal_pct": _steal(phase),
+                "steal_pct": steal_of(phase.machine),
             })
     return {
         "saturation_rps": round(saturation_rps, 3),

@@ -58,6 +58,11 @@ def window(before: Any, after: Any) -> CpuWindow | None:
     )
 
 
+def steal_of(cpu: CpuWindow | None) -> float | None:
+    """The steal share of a window that may not have been read."""
+    return cpu.steal_pct if cpu is not None else None
+
+
 def describe(cpu: CpuWindow) -> str:
     steal = "" if cpu.steal_pct is None else f", {cpu.steal_pct:.1f} % steal"
     return f"machine {cpu.busy_pct:.0f} % busy{steal}"

@@ -34,7 +34,7 @@ from bench.loadhttp import Target
 from bench.loadpayload import build_bodies, read_items, seed_histories
 from bench.loadreport import write_json
 from bench.loadtest import LoadSettings, measure
-from bench.machinecpu import describe
+from bench.machinecpu import describe, steal_of
 from dinserve import processes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,7 +297,7 @@ def window_rows(phases: list[PhaseResult], rss: list[float | None]) -> list[dict
         "degraded": p.degraded, "p50_ms": p.percentile_ms("p50"),
         "p99_ms": p.percentile_ms("p99"), "max_ms": p.percentile_ms("max"), "rss_mib": r,
         # A window's p99 moves with the host's steal as much as with the service (machinecpu.py).
-        "steal_pct": p.machine.steal_pct if p.machine else None,
+        "steal_pct": steal_of(p.machine),
     } for p, r in zip(phases, rss, strict=True)]
 
 
