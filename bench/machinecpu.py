@@ -3,10 +3,10 @@
 On a shared VM the host runs other work on the physical cores behind the vCPUs; the time a vCPU
 was ready to run but not running is *steal* (Linux /proc/stat, read here through psutil). It is
 the one sign of a noisy neighbour a guest can read: on a 2-vCPU VM of docs/performance.md the
-W1 graph ceiling read 219-242 calls/s at 0-2 % steal and 204-206 at 6-9 %. The load
-tester and `dinserve ceiling` record it per measurement, so a report says when the machine,
-not the service, moved a figure. The counters are machine-wide: everything running counts,
-the load tester included.
+W1 graph ceiling read 219-242 calls/s at 0-2 % steal and 204-206 at 6-9 %. `dinserve loadtest`
+(per phase), `dinserve soak` (per window), `dinserve ceiling` and `dinserve bench` record it, so
+a report says when the machine, not the service, moved a figure. The counters are machine-wide:
+everything running counts, the load tester included.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def window(before: Any, after: Any) -> CpuWindow | None:
     def spent(name: str) -> float:
         return getattr(after, name) - getattr(before, name) if name in fields else 0.0
 
-    # Linux counts guest time inside user time as well; psutil's own total leaves it out once.
+    # Linux counts guest time inside user (and guest_nice inside nice) too: subtract it once.
     total = sum(spent(name) for name in fields) - spent("guest") - spent("guest_nice")
     if total <= 0:
         return None
