@@ -126,7 +126,7 @@ def measure_ceiling(model: CTRModel, feeds: dict[str, Int64Array], callers: int,
 
 def describe(result: CeilingResult) -> str:
     noun = "caller" if result.callers == 1 else "callers"
-    steal = "" if result.steal_pct is None else f", {result.steal_pct:.1f} % steal"
+    steal = machinecpu.steal_suffix(result.steal_pct)
     return (f"{result.callers} {noun}: {result.calls_per_s:.1f} calls/s (CPU "
             f"{result.cpu_ms_per_call:.2f} ms per call, p50 {result.p50_ms:.2f} ms, "
             f"p99 {result.p99_ms:.2f} ms, {result.calls} calls{steal})")

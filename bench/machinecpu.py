@@ -63,6 +63,10 @@ def steal_of(cpu: CpuWindow | None) -> float | None:
     return cpu.steal_pct if cpu is not None else None
 
 
+def steal_suffix(steal_pct: float | None) -> str:
+    """", 4.1 % steal" for a console line, or nothing where steal is not reported."""
+    return "" if steal_pct is None else f", {steal_pct:.1f} % steal"
+
+
 def describe(cpu: CpuWindow) -> str:
-    steal = "" if cpu.steal_pct is None else f", {cpu.steal_pct:.1f} % steal"
-    return f"machine {cpu.busy_pct:.0f} % busy{steal}"
+    return f"machine {cpu.busy_pct:.0f} % busy{steal_suffix(cpu.steal_pct)}"
