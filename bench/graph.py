@@ -42,6 +42,12 @@ from numpy.typing import NDArray  # noqa: E402
 
 from bench import machinecpu  # noqa: E402
 from bench.machinecpu import CpuWindow  # noqa: E402
+from model_export.bundle_format import (  # noqa: E402
+    CANDIDATE_CATEGORIES,
+    CANDIDATE_ITEMS,
+    HISTORY_CATEGORIES,
+    HISTORY_ITEMS,
+)
 from model_export.din import DIN, Dice, preset_config  # noqa: E402
 from model_export.export import (  # noqa: E402
     Feeds,
@@ -116,10 +122,10 @@ def request(model: DIN, n: int, length: int, seed: int) -> Feeds:
     history = rng.integers(2, config.n_items, size=length, dtype=np.int64)
     candidates = rng.integers(2, config.n_items, size=n, dtype=np.int64)
     return {
-        "history_items": history,
-        "history_categories": rng.integers(2, config.n_categories, size=(length, c)),
-        "candidate_items": candidates,
-        "candidate_categories": rng.integers(2, config.n_categories, size=(n, c)),
+        HISTORY_ITEMS: history,
+        HISTORY_CATEGORIES: rng.integers(2, config.n_categories, size=(length, c)),
+        CANDIDATE_ITEMS: candidates,
+        CANDIDATE_CATEGORIES: rng.integers(2, config.n_categories, size=(n, c)),
     }
 
 
@@ -139,7 +145,7 @@ def matmul_flops(path: Path, feeds: Feeds) -> int:
                 dim.dim_value = int(size)
     inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     # A switched serving graph (model_export/switch.py): count the branch these feeds take.
-    graph = taken_branch(inferred, len(feeds["candidate_items"])) or inferred.graph
+    graph = taken_branch(inferred, len(feeds[CANDIDATE_ITEMS])) or inferred.graph
     shapes: dict[str, list[int]] = {}
     for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output,
                   *graph.value_info, *graph.output]:

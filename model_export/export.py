@@ -39,6 +39,19 @@ import onnxruntime as ort
 import torch
 from numpy.typing import NDArray
 
+from model_export.bundle_format import (
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    CANDIDATE_CATEGORIES,
+    CANDIDATE_ITEMS,
+    CONTEXT_FEATURES,
+    HISTORY_CATEGORIES,
+    HISTORY_ITEMS,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OUTPUT,
+    USER_FEATURES,
+)
 from model_export.checkpoint import Checkpoint, feature_file, load_checkpoint
 from model_export.chunked import chunk_pair_scores
 from model_export.din import DIN
@@ -49,15 +62,10 @@ from model_export.vocab import FIRST_TOKEN_INDEX, OOV_INDEX, PADDING_INDEX
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-MODEL_FILE = "model.onnx"
 NAIVE_FILE = "model_naive.onnx"
-MANIFEST_FILE = "manifest.json"
-BUNDLE_FORMAT = "dinserve-bundle"
-BUNDLE_FORMAT_VERSION = 1
 DEFAULT_TOLERANCE = 1e-5
-OUTPUT = "ctr"
-HISTORY_INPUTS = ("history_items", "history_categories")
-CANDIDATE_INPUTS = ("candidate_items", "candidate_categories")
+HISTORY_INPUTS = (HISTORY_ITEMS, HISTORY_CATEGORIES)
+CANDIDATE_INPUTS = (CANDIDATE_ITEMS, CANDIDATE_CATEGORIES)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # The largest candidate list the parity check runs (issue 2: "N = 1 and N = 500").
 PARITY_MAX_CANDIDATES = 500
@@ -82,9 +90,9 @@ def input_names(model: DIN) -> list[str]:
     """The graph's inputs in positional order; feature inputs only when the model has them."""
     names = [*HISTORY_INPUTS, *CANDIDATE_INPUTS]
     if model.config.user_features:
-        names.append("user_features")
+        names.append(USER_FEATURES)
     if model.config.context_features:
-        names.append("context_features")
+        names.append(CONTEXT_FEATURES)
     return names
 
 
@@ -146,14 +154,14 @@ def _trace(model: DIN, module: torch.nn.Module, path: Path, naive: bool = False)
         pairs = attention.pairs if attention.pairs.chunked else None
     if naive:
         axes: dict[str, dict[int, str]] = {
-            "history_items": {0: "N", 1: "L"},
-            "history_categories": {0: "N", 1: "L"},
-            "user_features": {0: "N"},
-            "context_features": {0: "N"},
+            HISTORY_ITEMS: {0: "N", 1: "L"},
+            HISTORY_CATEGORIES: {0: "N", 1: "L"},
+            USER_FEATURES: {0: "N"},
+            CONTEXT_FEATURES: {0: "N"},
         }
     else:
-        axes = {"history_items": {0: "L"}, "history_categories": {0: "L"}}
-    axes.update({"candidate_items": {0: "N"}, "candidate_categories": {0: "N"}, OUTPUT: {0: "N"}})
+        axes = {HISTORY_ITEMS: {0: "L"}, HISTORY_CATEGORIES: {0: "L"}}
+    axes.update({CANDIDATE_ITEMS: {0: "N"}, CANDIDATE_CATEGORIES: {0: "N"}, OUTPUT: {0: "N"}})
     axes = {name: dims for name, dims in axes.items() if name in names or name == OUTPUT}
     with torch.inference_mode(), warnings.catch_warnings():
         # The TorchScript exporter announces its own deprecation (module docstring: chosen on
@@ -238,17 +246,17 @@ def make_case(
     history_cats = np.concatenate([history_cats, np.zeros((padding, c), dtype=np.int64)])
     candidates = items(n)
     feeds: Feeds = {
-        "history_items": history,
-        "history_categories": history_cats,
-        "candidate_items": candidates,
-        "candidate_categories": cats(candidates),
+        HISTORY_ITEMS: history,
+        HISTORY_CATEGORIES: history_cats,
+        CANDIDATE_ITEMS: candidates,
+        CANDIDATE_CATEGORIES: cats(candidates),
     }
     if config.user_features:
-        feeds["user_features"] = np.array(
+        feeds[USER_FEATURES] = np.array(
             [rng.integers(0, f.vocab_size) for f in config.user_features], dtype=np.int64
         )
     if config.context_features:
-        feeds["context_features"] = np.array(
+        feeds[CONTEXT_FEATURES] = np.array(
             [rng.integers(0, f.vocab_size) for f in config.context_features], dtype=np.int64
         )
     return feeds
@@ -313,10 +321,10 @@ def golden_cases(ckpt: Checkpoint, seed: int = 1) -> list[Case]:
 
 def tile(feeds: Feeds) -> Feeds:
     """Serving-graph inputs -> the naive graph's: history and features repeated per candidate."""
-    n = feeds["candidate_items"].shape[0]
+    n = feeds[CANDIDATE_ITEMS].shape[0]
     tiled: Feeds = {}
     for name, value in feeds.items():
-        if name.startswith("candidate_"):
+        if name in CANDIDATE_INPUTS:
             tiled[name] = value
         else:
             tiled[name] = np.ascontiguousarray(np.broadcast_to(value, (n, *value.shape)))
@@ -391,8 +399,8 @@ def check_parity(
         else:
             diff = float(np.max(np.abs(got - want.astype(np.float64))))
         results.append(
-            CaseResult(case.name, len(case.feeds["candidate_items"]),
-                       len(case.feeds["history_items"]), diff)
+            CaseResult(case.name, len(case.feeds[CANDIDATE_ITEMS]),
+                       len(case.feeds[HISTORY_ITEMS]), diff)
         )
     return results
 

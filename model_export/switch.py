@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from model_export.bundle_format import CANDIDATE_ITEMS
+
 _Named = TypeVar("_Named", onnx.TensorProto, onnx.ValueInfoProto)
 
 # The If takes the "product" branch when N <= this (module docstring: the crossovers).
@@ -125,12 +127,12 @@ def _renamed_graph(
 
 def switch_on_candidates(
     small: onnx.ModelProto, large: onnx.ModelProto, small_max: int,
-    candidates_input: str = "candidate_items",
+    candidates_input: str = CANDIDATE_ITEMS,
 ) -> onnx.ModelProto:
     """A model that runs `small` when N (the length of candidates_input) <= small_max, else `large`.
 
     Both must have the same required inputs and outputs (names, types, shapes) and the same
-    opsets. Inputs with a default (optional_inputs: chunked.CHUNK_INPUT) may be in either; the
+    opsets. Inputs with a default (optional_inputs: bundle_format.CHUNK_INPUT) may be in either; the
     switched graph keeps them as inputs with their defaults, which must agree where both have one.
     """
     def signature(values: object) -> list[str]:

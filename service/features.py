@@ -22,6 +22,14 @@ from operator import itemgetter
 import numpy as np
 from numpy.typing import NDArray
 
+from model_export.bundle_format import (
+    CANDIDATE_CATEGORIES,
+    CANDIDATE_ITEMS,
+    CONTEXT_FEATURES,
+    HISTORY_CATEGORIES,
+    HISTORY_ITEMS,
+    USER_FEATURES,
+)
 from model_export.vocab import OOV_INDEX, PADDING_INDEX, Vocabulary
 from service.history import History
 from service.schemas import ScoreRequest
@@ -29,13 +37,6 @@ from service.schemas import ScoreRequest
 Int64Array = NDArray[np.int64]
 RawIndex = dict[int | str, int]
 _ITEM_ID = itemgetter("item_id")
-
-HISTORY_ITEMS = "history_items"
-HISTORY_CATEGORIES = "history_categories"
-CANDIDATE_ITEMS = "candidate_items"
-CANDIDATE_CATEGORIES = "candidate_categories"
-USER_FEATURES = "user_features"
-CONTEXT_FEATURES = "context_features"
 
 
 def raw_index(vocab: Vocabulary) -> RawIndex:

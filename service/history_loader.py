@@ -23,9 +23,10 @@ import redis
 from pydantic import ValidationError
 from redis.typing import EncodableT, FieldT
 
+from model_export.bundle_format import MANIFEST_FILE
 from service.config import Settings
 from service.history import keys
-from service.model import MANIFEST, resolve_bundle
+from service.model import resolve_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def bundle_defaults(model_dir: Path) -> tuple[int, list[str]]:
     Reads manifest.json only: loading the ONNX session would cost time and prove nothing here.
     """
     directory = resolve_bundle(model_dir)
-    manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
     user = [str(f["name"]) for f in (manifest.get("features") or {}).get("user") or []]
     return int(manifest["max_history_length"]), user
 

@@ -29,6 +29,20 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
+from model_export.bundle_format import (
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    CANDIDATE_CATEGORIES,
+    CANDIDATE_ITEMS,
+    CHUNK_INPUT,
+    CONTEXT_FEATURES,
+    HISTORY_CATEGORIES,
+    HISTORY_ITEMS,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    OUTPUT,
+    USER_FEATURES,
+)
 from model_export.vocab import FIRST_TOKEN_INDEX, ItemTable, Vocabulary
 from service.config import Settings
 from service.errors import BundleRejected, InferenceFailed
@@ -36,15 +50,10 @@ from service.features import FeatureSpace, Int64Array
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MODEL_FILE = "model.onnx"
-BUNDLE_FORMAT = "dinserve-bundle"
-BUNDLE_FORMAT_VERSION = 1
-OUTPUT = "ctr"
-# The chunked serving graph's optional chunk-size input (model_export/chunked.py): by default
-# chunks that stay in one core's L2, what one intra-op thread wants; with more threads the whole
-# history as one chunk is faster (W1, trained model: 2.76 against 3.95 ms at 2 threads).
-CHUNK_INPUT = "chunk_floats"
+# The value of the chunked serving graph's optional chunk-size input (CHUNK_INPUT) that makes the
+# whole history one chunk. Its default, chunks that stay in one core's L2, is what one intra-op
+# thread wants; with more threads the whole history as one chunk is faster (W1, trained model:
+# 2.76 against 3.95 ms at 2 threads).
 WHOLE_HISTORY = np.array([1 << 62], dtype=np.int64)
 WARMUP_CANDIDATES = 200  # DESIGN.md's reference workload W1
 GRAPH_LEVELS = {
@@ -70,14 +79,14 @@ def version_dirs(directory: Path) -> list[tuple[int, Path]]:
     found = [
         (int(child.name), child)
         for child in directory.iterdir()
-        if child.name.isdigit() and int(child.name) > 0 and (child / MANIFEST).is_file()
+        if child.name.isdigit() and int(child.name) > 0 and (child / MANIFEST_FILE).is_file()
     ]
     return sorted(found)
 
 
 def resolve_bundle(path: Path) -> Path:
     """A bundle dir, a model-name dir (its latest version) or a models root holding one model."""
-    if (path / MANIFEST).is_file():
+    if (path / MANIFEST_FILE).is_file():
         return path
     if not path.is_dir():
         raise BundleRejected(f"{path}: no such directory (set CTR_MODEL_DIR or --model-dir)")
@@ -91,8 +100,8 @@ def resolve_bundle(path: Path) -> Path:
         listed = ", ".join(n.name for n in names)
         raise BundleRejected(f"{path} holds several models ({listed}); point the model dir at one")
     raise BundleRejected(
-        f"{path}: no model bundle found (looked for {MANIFEST}, <version>/{MANIFEST} and "
-        f"<name>/<version>/{MANIFEST}); export one with `dinserve export`"
+        f"{path}: no model bundle found (looked for {MANIFEST_FILE}, <version>/{MANIFEST_FILE}"
+        f" and <name>/<version>/{MANIFEST_FILE}); export one with `dinserve export`"
     )
 
 
@@ -203,7 +212,7 @@ class CTRModel:
             (scores,) = self.session.run([OUTPUT], feeds)
         except Exception as exc:
             raise InferenceFailed(f"onnxruntime failed: {type(exc).__name__}") from exc
-        n = feeds["candidate_items"].shape[0]
+        n = feeds[CANDIDATE_ITEMS].shape[0]
         result = np.asarray(scores, dtype=np.float32).reshape(-1)
         if result.shape != (n,):
             raise InferenceFailed(
@@ -233,7 +242,7 @@ class CTRModel:
         ran it (with one intra-op thread, the default, all of the call's CPU). Against the
         call's wall time it tells waiting (for a thread, for a core) from a slow CPU.
         """
-        pairs = feeds["candidate_items"].shape[0] * max(feeds["history_items"].shape[0], 1)
+        pairs = feeds[CANDIDATE_ITEMS].shape[0] * max(feeds[HISTORY_ITEMS].shape[0], 1)
         run = self.predict if cpu_seconds is None else _thread_timed(self.predict, cpu_seconds)
         if pairs <= inline_pairs:
             return run(feeds)
@@ -347,15 +356,15 @@ def sample_feeds(
     history = rng.integers(FIRST_TOKEN_INDEX, high, size=history_length)
     items = rng.integers(FIRST_TOKEN_INDEX, high, size=candidates)
     feeds: dict[str, Int64Array] = {
-        "history_items": history,
-        "history_categories": space.item_categories[history],
-        "candidate_items": items,
-        "candidate_categories": space.item_categories[items],
+        HISTORY_ITEMS: history,
+        HISTORY_CATEGORIES: space.item_categories[history],
+        CANDIDATE_ITEMS: items,
+        CANDIDATE_CATEGORIES: space.item_categories[items],
     }
     if space.user_features:
-        feeds["user_features"] = np.zeros(len(space.user_features), dtype=np.int64)
+        feeds[USER_FEATURES] = np.zeros(len(space.user_features), dtype=np.int64)
     if space.context_features:
-        feeds["context_features"] = np.zeros(len(space.context_features), dtype=np.int64)
+        feeds[CONTEXT_FEATURES] = np.zeros(len(space.context_features), dtype=np.int64)
     return feeds
 
 
@@ -406,7 +415,7 @@ def session_options(settings: Settings) -> ort.SessionOptions:
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
+    path = directory / MANIFEST_FILE
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

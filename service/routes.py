@@ -17,6 +17,7 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
+from model_export.bundle_format import HISTORY_ITEMS
 from service.config import Settings
 from service.errors import (
     HistoryUnavailable,
@@ -24,7 +25,7 @@ from service.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
-from service.features import HISTORY_ITEMS, build_inputs
+from service.features import build_inputs
 from service.history import EMPTY, HistoryStore
 from service.metrics import CONTENT_TYPE, Metrics
 from service.reload import ModelHolder

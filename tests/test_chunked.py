@@ -16,7 +16,8 @@ import onnx
 import pytest
 
 from model_export import chunked
-from model_export.export import OUTPUT, export_onnx, make_case, reference_scores, session
+from model_export.bundle_format import CHUNK_INPUT, OUTPUT
+from model_export.export import export_onnx, make_case, reference_scores, session
 
 
 def _run(path: Path, feeds: dict[str, Any]) -> Any:
@@ -91,24 +92,17 @@ def test_the_chunk_size_is_an_optional_input_that_changes_no_score(
     export_onnx(model, path)
     graph = onnx.load(str(path)).graph
     defaults = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    assert chunked.CHUNK_INPUT in {i.name for i in graph.input}
-    assert defaults[chunked.CHUNK_INPUT].tolist() == [chunked.CHUNK_FLOATS]
+    assert CHUNK_INPUT in {i.name for i in graph.input}
+    assert defaults[CHUNK_INPUT].tolist() == [chunked.CHUNK_FLOATS]
     sess = session(path)
-    assert chunked.CHUNK_INPUT not in {i.name for i in sess.get_inputs()}
-    assert [i.name for i in sess.get_overridable_initializers()] == [chunked.CHUNK_INPUT]
+    assert CHUNK_INPUT not in {i.name for i in sess.get_inputs()}
+    assert [i.name for i in sess.get_overridable_initializers()] == [CHUNK_INPUT]
     rng = np.random.default_rng(5)
     top = model.config.max_history_length
     for length, n in [(top, 3), (top, 120), (top - 3, 300), (0, 60)]:
         feeds = make_case(model, rng, length=length, n=n, padding=0)
         want = reference_scores(model, feeds)
         for chunk_floats in (1, 16 * 5, 1 << 62):
-            (got,) = sess.run([OUTPUT], {**feeds, chunked.CHUNK_INPUT: np.array(
+            (got,) = sess.run([OUTPUT], {**feeds, CHUNK_INPUT: np.array(
                 [chunk_floats], dtype=np.int64)})
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-
-
-def test_the_service_names_the_chunk_input_as_the_exporter_does() -> None:
-    # service/model.py cannot import model_export.chunked (it imports torch).
-    from service.model import CHUNK_INPUT
-
-    assert CHUNK_INPUT == chunked.CHUNK_INPUT

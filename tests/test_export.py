@@ -22,10 +22,10 @@ import pytest
 import torch
 
 from dinserve.cli import main
+from model_export.bundle_format import MANIFEST_FILE
 from model_export.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model_export.din import DIN, Dice
 from model_export.export import (
-    MANIFEST_FILE,
     ExportError,
     ParityError,
     category_matrix,

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from model_export.bundle_format import CHUNK_INPUT
 from service.config import Settings, cgroup_cpu_quota, usable_cores
 from service.errors import BundleRejected, InferenceFailed
 from service.features import FeatureSpace
 from service.model import (
-    CHUNK_INPUT,
     CTRModel,
     inference_pool,
     resolve_bundle,

@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import pytest
 
+from model_export.bundle_format import MANIFEST_FILE
 from model_export.export import (
-    MANIFEST_FILE,
     export_onnx,
     make_case,
     reference_scores,
