@@ -28,6 +28,7 @@ import httpx
 
 from dinserve import processes
 from dinserve.redis_server import LocalRedis, RedisServerError, answers, find_redis_server
+from model_export.bundle_format import version_dirs
 
 DEMO_NAME = "demo"
 EXAMPLE_CANDIDATES = 5
@@ -82,14 +83,9 @@ class Layout:
 
 
 def latest_bundle(bundle_root: Path) -> Path | None:
-    """The highest integer version under models/demo that has a manifest, if any."""
-    if not bundle_root.is_dir():
-        return None
-    versions = [
-        p for p in bundle_root.iterdir()
-        if p.name.isdigit() and (p / "manifest.json").is_file()
-    ]
-    return max(versions, key=lambda p: int(p.name), default=None)
+    """The highest version under models/demo that has a manifest, if any (as the service picks)."""
+    versions = version_dirs(bundle_root)
+    return versions[-1][1] if versions else None
 
 
 def child_env() -> dict[str, str]:

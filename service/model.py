@@ -42,6 +42,7 @@ from model_export.bundle_format import (
     MODEL_FILE,
     OUTPUT,
     USER_FEATURES,
+    version_dirs,
 )
 from model_export.vocab import FIRST_TOKEN_INDEX, ItemTable, Vocabulary
 from service.config import Settings
@@ -67,21 +68,6 @@ ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
 
 # ----------------------------------------------------------------------------------------------
 # Finding the bundle
-
-
-def version_dirs(directory: Path) -> list[tuple[int, Path]]:
-    """Positive-integer subdirectories holding a manifest, smallest version first.
-
-    A version without manifest.json is ignored: an exporter still writing it is not a bundle yet.
-    """
-    if not directory.is_dir():
-        return []
-    found = [
-        (int(child.name), child)
-        for child in directory.iterdir()
-        if child.name.isdigit() and int(child.name) > 0 and (child / MANIFEST_FILE).is_file()
-    ]
-    return sorted(found)
 
 
 def resolve_bundle(path: Path) -> Path:
