@@ -6,7 +6,7 @@ settings, the chunk feed, the self-check, the warm-up), called back to back by 1
 one request shape and nothing else to do. With K = the service's inference threads it is what the
 service would serve if HTTP, Redis and the features cost nothing. `dinserve loadtest
 --graph-ceiling` measures it right before and after its load and reports the share, because on a
-shared VM the ceiling itself drifts by 10 % within minutes (docs/performance.md).
+shared VM the ceiling itself drifts by 10 % within minutes (docs/performance-log.md).
 
 The feeds are random known items with the bundle's own categories, what features.py builds for
 known ids; a graph call's cost does not depend on the values. Torch-free, like the service.

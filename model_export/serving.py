@@ -183,7 +183,7 @@ class ServingAttention(nn.Module):
       operand, the cheapest at small N (the switched export's small branch).
     - "auto": "channel". Measured by `dinserve bench` (1 intra-op thread, 2-core Intel Xeon,
       2026-11-28): at W1 "channel" took 0.74 of "operand"'s time, at W2 0.61 of "dual"'s; with 2
-      intra-op threads per call it lost 0-12% to them (docs/performance.md).
+      intra-op threads per call it lost 0-12% to them (docs/performance-log.md).
     """
 
     query_weight: torch.Tensor

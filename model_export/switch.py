@@ -6,7 +6,7 @@ a key-side operand and doing its pairs in one GEMM (chunked.py): the best at lar
 small N its fixed costs (the Scan, the operand) outweigh the pairs. "product" has no per-request
 operand and costs per pair a little more. Measured on 2026-11-28 (random models as
 bench/graph.py builds them, 1 thread, L = max, the two variants interleaved call by call; the
-2-core Intel Xeon of docs/performance.md), product vs channel, ms:
+2-core Intel Xeon of docs/performance-log.md), product vs channel, ms:
 
     W1 (E = 128, L = 100)  N = 16: 1.40 vs 3.15; N = 32: 2.61 vs 3.55; N = 48: 4.31 vs 4.79;
                            N = 64: 3.75 vs 3.70; N = 100: 8.25 vs 7.40

@@ -6,7 +6,7 @@ imports FastAPI, pydantic, onnxruntime and numpy and loads a model: ~83,000 trac
 live as long as the process. Under load a full (generation 2) collection comes every few tens of
 seconds and walks them all, the event loop stopped throughout: 40-55 ms with the service idle on
 the 2-core reference machine, 66-105 ms under load with the graph threads competing for the cores
-(docs/performance.md, the Intel Xeon family 6 model 207 results, "Garbage collector pauses").
+(docs/performance.md, "Garbage collector pauses").
 gc.freeze() moves them to a permanent generation that collections skip; the same full collection
 then takes ~0.1 ms. Reference counting still frees a frozen object that is no longer used; only a
 reference cycle among frozen objects would wait for gc.unfreeze().

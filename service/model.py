@@ -222,7 +222,7 @@ class CTRModel:
 
         A call of at most `inline_pairs` candidate x history pairs runs on the event loop
         instead: the hop to a worker thread and back (~0.15-0.5 ms on this machine) costs as
-        much as the graph itself for such a call (10 x 50: ~1 ms). docs/performance.md.
+        much as the graph itself for such a call (10 x 50: ~1 ms). docs/performance-log.md.
 
         `cpu_seconds`, when given, is called with the CPU time the call took on the thread that
         ran it (with one intra-op thread, the default, all of the call's CPU). Against the
@@ -361,7 +361,7 @@ def inference_pool(settings: Settings) -> ThreadPoolExecutor:
     concurrency stays bounded whatever CTR_MAX_IN_FLIGHT admits, and a call whose request is
     cancelled while it waits never runs. Throughput at normal load is the same as one thread
     per request within the measurement noise; under overload with deadlines the pool answered
-    more requests in time and none with a 500 (docs/performance.md).
+    more requests in time and none with a 500 (docs/performance-log.md).
     """
     return ThreadPoolExecutor(
         max_workers=settings.inference_thread_count, thread_name_prefix="inference"

@@ -130,7 +130,7 @@ _SCORE_DOC: dict[str, Any] = {
 async def score(request: Request) -> Response:
     """Score N candidates for one user against the user's Redis history; scores in request order."""
     # The lifespan state is read here rather than through Depends(): FastAPI's dependency solving
-    # took ~9% of the event loop's time per /score under load (docs/performance.md).
+    # took ~9% of the event loop's time per /score under load (docs/performance-log.md).
     state = request.state
     settings: Settings = state.settings
     holder: ModelHolder = state.holder

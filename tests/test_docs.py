@@ -54,6 +54,50 @@ def test_relative_links_resolve(page: Path) -> None:
         assert (page.parent / path).exists(), f"{page.name} links to missing {target}"
 
 
+def heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to
+    hyphens, "-1", "-2"... on repeats; lines inside fenced code blocks are not headings."""
+    anchors: set[str] = set()
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        match = None if fenced else re.match(r"#{1,6} (.+)", line)
+        if match is None:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-")
+        anchor, repeat = slug, 0
+        while anchor in anchors:
+            repeat += 1
+            anchor = f"{slug}-{repeat}"
+        anchors.add(anchor)
+    return anchors
+
+
+def test_heading_anchors_follow_githubs_rule() -> None:
+    text = "\n".join([
+        "# Issue 5's lines", "```", "# not a heading", "```", "## Overload: `LIFO`",
+        "### Commands", "### Commands",
+    ])
+    assert heading_anchors(text) == {"issue-5s-lines", "overload-lifo", "commands", "commands-1"}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_link_anchors_name_a_heading(page: Path) -> None:
+    """A link to a section survives the section being moved or renamed only if someone notices."""
+    for target in LINK.findall(page.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target) or "#" not in target:
+            continue
+        path, anchor = target.split("#", 1)
+        linked = (page.parent / path) if path else page
+        if linked.suffix != ".md":
+            continue
+        assert anchor in heading_anchors(linked.read_text(encoding="utf-8")), (
+            f"{page.name} links to {target}, which names no heading"
+        )
+
+
 def test_readme_starts_with_the_two_commands() -> None:
     head = (ROOT / "README.md").read_text(encoding="utf-8")[:1500]
     assert "make demo" in head and "make test" in head
