@@ -23,7 +23,7 @@ import platform
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,10 @@ from model_export.export import (  # noqa: E402
 from model_export.serving import ServingAttention, ServingDIN  # noqa: E402
 from model_export.switch import taken_branch  # noqa: E402
 from service.model import chunk_feeds  # noqa: E402
+
+# Embedding rows of the twin whose graphs count the FLOPs (count_flops). matmul_flops reads only
+# the feeds' shapes, so ids beyond the twin's tables do not matter.
+TWIN_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,35 @@ def ort_call(
     return call
 
 
+def count_flops(
+    workload: Workload, args: argparse.Namespace, alternatives: Sequence[str], feeds: Feeds,
+    tiled: Feeds, workdir: Path,
+) -> dict[str, int]:
+    """matmul_flops of every timed graph, counted on the graphs of a small-vocabulary twin.
+
+    A graph's products depend on the network's sizes and the feeds' shapes, not on its weights
+    or on how many rows its embedding tables have: the twin is the same workload with TWIN_ROWS
+    items and categories, whose graphs export and load in a fraction of a second, where the
+    1M-item graphs take seconds each to load and shape-infer again (the bench spent most of its
+    time in such copies). Graphs with a Scan over history chunks (model_export/chunked.py) are
+    counted as written without it: the same products, but matmul_flops does not look into a
+    Scan; the other strategies have none, and chunked=False leaves them as they are.
+    """
+    twin = random_din(workload, TWIN_ROWS, TWIN_ROWS, args.categories_per_item, args.seed)
+    folder = workdir / f"{workload.name}_flops"
+    folder.mkdir(exist_ok=True)
+    graphs = {"serving": "auto", "naive": None, **{f"serving_{alt}": alt for alt in alternatives}}
+    flops = {}
+    for name, strategy in graphs.items():
+        path = folder / f"{name}.onnx"
+        if strategy is None:
+            export_onnx(twin, path, naive=True)
+        else:
+            export_onnx(twin, path, strategy=strategy, chunked=False)
+        flops[name] = matmul_flops(path, tiled if name == "naive" else feeds)
+    return flops
+
+
 def bench_workload(
     workload: Workload, args: argparse.Namespace, workdir: Path
 ) -> list[dict[str, Any]]:
@@ -269,16 +302,7 @@ def bench_workload(
         paths[f"serving_{alt}"] = workdir / f"{workload.name}_serving_{alt}.onnx"
         export_onnx(model, paths[f"serving_{alt}"], strategy=alt)
     export_seconds = time.perf_counter() - started
-    # FLOPs of the graphs with a Scan over history chunks (model_export/chunked.py) are counted
-    # on the same graphs written without it: the same products, but matmul_flops does not look
-    # into a Scan. The other strategies have none and are counted as they are.
-    counted = dict(paths)
-    for name, strategy_name in (("serving", "auto"), ("serving_channel", "channel")):
-        if name in paths:
-            counted[name] = workdir / f"{name}_unchunked.onnx"
-            export_onnx(model, counted[name], strategy=strategy_name, chunked=False)
-    flops = {name: matmul_flops(path, tiled if name == "naive" else feeds)
-             for name, path in counted.items()}
+    flops = count_flops(workload, args, alternatives, feeds, tiled, workdir)
     # Useful work: the decomposed layer computed once ("dual" repeats a GEMM to save memory
     # passes, and the roofline should not credit it for that).
     useful = min(f for name, f in flops.items() if name != "naive")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from bench.graph import matmul_flops
+from bench.graph import Workload, matmul_flops, random_din, request
 from dinserve.cli import main
 from model_export.checkpoint import Checkpoint
-from model_export.export import export_onnx, make_case
+from model_export.export import export_onnx, make_case, tile
 
 
 def test_matmul_flops_counts_what_the_graph_multiplies(
@@ -77,3 +78,31 @@ def test_bench_command_reports_every_variant(tmp_path: Path) -> None:
     assert 0 < result["roofline"]["fraction_of_matmul_throughput"]
     # The machine while the variants were timed: busy with them; Linux reports the host's steal.
     assert 0 < result["machine"]["busy_pct"] <= 100 and 0 <= result["machine"]["steal_pct"] <= 100
+
+
+def test_the_flop_count_does_not_depend_on_the_vocabulary(tmp_path: Path) -> None:
+    """bench.graph.count_flops counts on a twin with small embedding tables. That is sound only
+    if the rows of a table change no product of the graph: the same network with 64 and with
+    20,000 items must count the same, in every layout the benchmark times."""
+    workload = Workload(
+        "tiny", "paper",
+        dict(item_dim=8, category_dim=8, attention_units=(16, 8), mlp_units=(32, 16),
+             attention_activation="dice", mlp_activation="dice"),
+        candidates=60, history=7, target_ratio=1.0,
+    )
+    small = random_din(workload, 64, 64, 2, seed=0)
+    large = random_din(workload, 20_000, 3_000, 2, seed=0)
+    feeds = request(large, workload.candidates, workload.history, seed=1)
+    layouts: dict[str, dict[str, Any]] = {
+        "switched": dict(strategy="auto", chunked=False),
+        "channel": dict(strategy="channel", chunked=False),
+        "product": dict(strategy="product"),
+        "naive": dict(naive=True),
+    }
+    for name, options in layouts.items():
+        counts = []
+        for size, model in (("small", small), ("large", large)):
+            path = tmp_path / f"{name}_{size}.onnx"
+            export_onnx(model, path, **options)
+            counts.append(matmul_flops(path, tile(feeds) if name == "naive" else feeds))
+        assert counts[0] == counts[1] > 0, name
