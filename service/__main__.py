@@ -114,6 +114,9 @@ def server_config(settings: Settings, app: Any, **extra: Any) -> uvicorn.Config:
         # request sent on one as it closes is reset (the keep-alive race; bench/soak.py saw
         # 20 such resets in 10 minutes). The side that closes first should be the caller.
         timeout_keep_alive=math.ceil(settings.keep_alive_seconds),
+        # uvicorn refuses a request when its open connections (the request's own included) or
+        # running requests reach limit_concurrency, so N connections served means N + 1.
+        limit_concurrency=settings.max_connections + 1 if settings.max_connections else None,
         **extra,
     )
 

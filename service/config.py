@@ -159,6 +159,14 @@ class Settings(BaseSettings):
         description="time allowed to receive a request body; a slower client gets 408 and its "
         "connection is closed",
     )
+    max_connections: int = Field(
+        default=2048,
+        ge=0,
+        description="open HTTP connections per process, idle keep-alive ones included; a "
+        "request that arrives on a connection beyond them is answered 503 before its body is "
+        "read and the connection closed; bounds the memory of bodies being received (with "
+        "CTR_MAX_BODY_BYTES); 0 = no cap",
+    )
     keep_alive_seconds: PositiveFloat = Field(
         default=75.0,
         description="how long an idle keep-alive connection stays open; keep it above the "

@@ -547,3 +547,65 @@ def test_a_request_whose_caller_hung_up_while_it_was_queued_is_not_scored(
                   status="499") - metric(before, "ctr_request_duration_seconds_count",
                                          route="/score", method="POST", status="499") == 1
     assert "Traceback" not in svc.log()
+
+
+def exchange(sock: socket.socket, head: bytes, body: bytes = b"") -> bytes:
+    """Send one request on an open connection and read its whole answer (Content-Length)."""
+    sock.sendall(head + body)
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return got
+        got += chunk
+    headers, _, rest = got.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in headers.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return headers + b"\r\n\r\n" + rest
+
+
+def test_connections_beyond_the_cap_are_refused_and_those_open_keep_being_served(
+    plain_bundle: Path, redis_url: str, tmp_path: Path,
+) -> None:
+    """CTR_MAX_CONNECTIONS bounds the connections a process serves, idle keep-alive ones
+    included, so that bodies being received are bounded in number (docs/reliability.md)."""
+    svc = ServiceProcess(plain_bundle, redis_url, tmp_path / "service.log", warmup_runs="1",
+                         reload_poll_seconds="0", access_log="false", max_connections="4")
+    health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    body = json.dumps({"user_id": "nobody", "candidates": [{"item_id": 1}]}).encode()
+    with svc:
+        # Four keep-alive connections, each known to the server: it has answered on it.
+        open_ = [raw_request(svc.port, b"") for _ in range(4)]
+        try:
+            for sock in open_:
+                assert exchange(sock, health).startswith(b"HTTP/1.1 200")
+            # A fifth is refused before its body is read, and closed.
+            extra = raw_request(svc.port, b"")
+            refused = exchange(extra, score_head(body), body)
+            assert refused.startswith(b"HTTP/1.1 503"), refused[:200]
+            assert b"connection: close" in refused.lower()
+            assert extra.recv(65536) == b""
+            extra.close()
+            # The four keep being served, scoring included.
+            for sock in open_:
+                answer = exchange(sock, score_head(body), body)
+                assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            # Once one of them closes, a new connection is served again.
+            open_.pop().close()
+            deadline = time.monotonic() + 10
+            while True:
+                with raw_request(svc.port, b"") as sock:
+                    status = exchange(sock, health)[:12]
+                if status == b"HTTP/1.1 200" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert status == b"HTTP/1.1 200"
+        finally:
+            for sock in open_:
+                sock.close()
+    assert "Exceeded concurrency limit." in svc.log()
