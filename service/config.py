@@ -160,7 +160,9 @@ class Settings(BaseSettings):
         "connection is closed",
     )
     max_connections: int = Field(
-        default=2048,
+        # Below the usual soft limit of 1,024 open files (Docker's default among others), so
+        # that a crowd of connections meets this 503 rather than failing accept() (EMFILE).
+        default=1000,
         ge=0,
         description="open HTTP connections per process, idle keep-alive ones included; a "
         "request that arrives on a connection beyond them is answered 503 before its body is "
