@@ -252,8 +252,8 @@ def count_flops(
     A graph's products depend on the network's sizes and the feeds' shapes, not on its weights
     or on how many rows its embedding tables have: the twin is the same workload with TWIN_ROWS
     items and categories, whose graphs export and load in a fraction of a second, where the
-    1M-item graphs take seconds each to load and shape-infer again (the bench spent most of its
-    time in such copies). Graphs with a Scan over history chunks (model_export/chunked.py) are
+    1M-item graphs take seconds each to load and shape-infer again (a fifth of the bench's time
+    went to such copies). Graphs with a Scan over history chunks (model_export/chunked.py) are
     counted as written without it: the same products, but matmul_flops does not look into a
     Scan; the other strategies have none, and chunked=False leaves them as they are.
     """
