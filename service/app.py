@@ -20,6 +20,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 
 from service.config import Settings
+from service.connections import refusals_counted
 from service.errors import BundleRejected, install_error_handlers
 from service.heap import frozen_heap
 from service.history import HistoryStore, open_client
@@ -87,7 +88,8 @@ def create_app(settings: Settings | None = None, *, model: CTRModel | None = Non
                 settings.redis_deadline_ms,
                 settings.redis_policy,
             )
-            with frozen_heap():  # last: everything built above is frozen (service/heap.py)
+            # refusals_counted: uvicorn's connection-cap 503s in /metrics (service/connections.py)
+            with refusals_counted(metrics), frozen_heap():  # frozen last (service/heap.py)
                 yield AppState(
                     settings=settings, holder=holder, history=store, metrics=metrics,
                     inference=threads,

@@ -48,7 +48,7 @@ LATENCY_BUCKETS = (
     2.5,
 )
 STAGES = ("history", "features", "inference")
-REJECT_REASONS = ("queue_full", "queue_timeout", "deadline", "body_timeout")
+REJECT_REASONS = ("queue_full", "queue_timeout", "deadline", "body_timeout", "connections")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 

@@ -584,13 +584,20 @@ def test_connections_beyond_the_cap_are_refused_and_those_open_keep_being_served
         try:
             for sock in open_:
                 assert exchange(sock, health).startswith(b"HTTP/1.1 200")
-            # A fifth is refused before its body is read, and closed.
-            extra = raw_request(svc.port, b"")
-            refused = exchange(extra, score_head(body), body)
-            assert refused.startswith(b"HTTP/1.1 503"), refused[:200]
-            assert b"connection: close" in refused.lower()
-            assert extra.recv(65536) == b""
-            extra.close()
+            # A fifth is refused before its body is read, and closed; so are twenty more.
+            for _ in range(21):
+                with raw_request(svc.port, b"") as extra:
+                    refused = exchange(extra, score_head(body), body)
+                    assert refused.startswith(b"HTTP/1.1 503"), refused[:200]
+                    assert b"connection: close" in refused.lower()
+                    assert extra.recv(65536) == b""
+            # Each is counted; the log says so once, not 21 times (service/connections.py).
+            scrape = exchange(open_[0], b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            text = scrape.partition(b"\r\n\r\n")[2].decode()
+            assert metric(text, "ctr_rejected_requests_total", reason="connections") == 21
+            warnings = [line for line in svc.log().splitlines() if "CTR_MAX_CONNECTIONS" in line]
+            assert len(warnings) == 1 and "refused 1 request(s)" in warnings[0], warnings
+            assert "Exceeded concurrency limit." not in svc.log()
             # The four keep being served, scoring included.
             for sock in open_:
                 answer = exchange(sock, score_head(body), body)
@@ -608,4 +615,3 @@ def test_connections_beyond_the_cap_are_refused_and_those_open_keep_being_served
         finally:
             for sock in open_:
                 sock.close()
-    assert "Exceeded concurrency limit." in svc.log()
