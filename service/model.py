@@ -143,6 +143,7 @@ class CTRModel:
 
     @property
     def version(self) -> str:
+        """The version directory's number: what reloads compare and `model_version` reports."""
         return self.directory.name
 
     @property
@@ -161,6 +162,14 @@ class CTRModel:
             raise
         except Exception as exc:  # a bundle is data: any failure to read it is a rejection
             raise BundleRejected(f"{directory}: {type(exc).__name__}: {exc}") from exc
+        published = model.manifest.get("version")
+        if published is not None and str(published) != model.version:
+            # A bundle copied to a new number (to republish an older model) is served under that
+            # number, which reloads compare and callers see; the manifest keeps the exported one.
+            logger.warning(
+                "%s: manifest says version %s; served as version %s, the directory's name",
+                directory, published, model.version,
+            )
         return model
 
     @classmethod
@@ -284,6 +293,7 @@ class CTRModel:
         return {
             "name": self.name,
             "version": self.version,
+            "manifest_version": m.get("version"),
             "path": str(self.directory),
             "created_at": m.get("created_at"),
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
@@ -208,6 +209,23 @@ def test_latest_integer_version_wins_from_name_dir_or_models_root(
     assert resolve_bundle(tmp_path / "models") == name_dir / "10"
     assert resolve_bundle(name_dir / "2") == name_dir / "2"
     assert CTRModel.load(tmp_path / "models", SETTINGS).version == "10"
+
+
+def test_a_bundle_copied_to_a_new_number_is_served_under_it_with_a_warning(
+    tiny_bundle: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    exported = json.loads((tiny_bundle / "manifest.json").read_text())["version"]
+    with caplog.at_level(logging.WARNING, logger="service.model"):
+        CTRModel.load(tiny_bundle, SETTINGS)
+    assert tiny_bundle.name == exported and not caplog.records  # as exported: nothing to say
+    republished = copy_bundle(tiny_bundle, tmp_path / "din" / "7")
+    with caplog.at_level(logging.WARNING, logger="service.model"):
+        model = CTRModel.load(republished, SETTINGS)
+    assert model.version == "7"
+    assert model.summary()["version"] == "7"
+    assert model.summary()["manifest_version"] == exported
+    [record] = caplog.records
+    assert f"manifest says version {exported}; served as version 7" in record.getMessage()
 
 
 def test_ambiguous_or_missing_model_dirs_are_refused(tiny_bundle: Path, tmp_path: Path) -> None:
