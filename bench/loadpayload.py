@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from model_export.bundle_format import version_dirs
 from service.history import keys
 
 SEED_PIPELINE_CHUNK = 500
@@ -35,7 +36,8 @@ class Item:
 
 
 def resolve_items_file(path: str | Path) -> Path:
-    """items.tsv itself, a bundle version directory, or a bundle name directory (newest version).
+    """items.tsv itself, a bundle version directory, or a bundle name directory (the version the
+    service would serve from it).
 
     Raises FileNotFoundError naming the path when none of these holds an items.tsv.
     """
@@ -44,8 +46,8 @@ def resolve_items_file(path: str | Path) -> Path:
         return p
     if (p / "items.tsv").is_file():
         return p / "items.tsv"
-    versions = [d for d in p.iterdir() if d.is_dir() and d.name.isdigit()] if p.is_dir() else []
-    for version in sorted(versions, key=lambda d: int(d.name), reverse=True):
+    versions = version_dirs(p)  # the service's rule: the version it would serve comes first
+    for _, version in reversed(versions):
         if (version / "items.tsv").is_file():
             return version / "items.tsv"
     raise FileNotFoundError(f"no items.tsv at {p} (give the file, models/<name>/<version>/ "

@@ -193,7 +193,8 @@ def _add_payload_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--candidates", type=int, default=200,
                    help="candidates per request (default: %(default)s)")
     g.add_argument("--item-ids-from", default=None,
-                   help="items.tsv, models/<name>/<version>/ or models/<name>/ (newest version)")
+                   help="items.tsv, models/<name>/<version>/ or models/<name>/ "
+                        "(the version the service would serve)")
     g.add_argument("--item-range", default="1:10000",
                    help="numeric item ids LO:HI when --item-ids-from is not given "
                         "(default: %(default)s)")

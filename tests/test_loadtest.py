@@ -43,6 +43,7 @@ from bench.loadtest import LoadSettings, measure
 from bench.machinecpu import CpuWindow, window
 from bench.servermetrics import parse_exposition, phase_summary
 from dinserve.cli import main as cli_main
+from model_export.bundle_format import MANIFEST_FILE
 from service.history import keys
 from service.metrics import Metrics
 
@@ -420,8 +421,12 @@ def test_payloads_from_a_bundle_items_file(tmp_path: Path) -> None:
     version = tmp_path / "din" / "3"
     version.mkdir(parents=True)
     (version / "items.tsv").write_text("10\tAction|Drama\n11\t\n12\tComedy\n", encoding="utf-8")
+    (version / MANIFEST_FILE).write_text("{}", encoding="utf-8")
     (tmp_path / "din" / "2").mkdir()
-    items = read_items(tmp_path / "din")  # a name directory: its newest version with items.tsv
+    unfinished = tmp_path / "din" / "10"  # no manifest yet: the service would not serve it
+    unfinished.mkdir()
+    (unfinished / "items.tsv").write_text("99\tHorror\n", encoding="utf-8")
+    items = read_items(tmp_path / "din")  # a name directory: the version the service would serve
     assert [(i.item_id, i.category) for i in items] == [("10", "Action"), ("11", ""),
                                                         ("12", "Comedy")]
     bodies = build_bodies(["u1", "u2"], items, 3, 5, with_categories=True,
