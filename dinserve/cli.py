@@ -60,6 +60,9 @@ def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="keep only the first N users (quick runs and tests)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip training the BaseModel")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="keep the raw probabilities (default: Platt scaling on the validation "
+                        "split, folded into the head; AUC unchanged)")
     p.set_defaults(handler="model_export.train:run")
 
 

@@ -2,7 +2,8 @@
 
 Reads top to bottom like nanoGPT's train.py: seed everything, read the log, build the splits
 (model_export/data.py), then fit() each model the same way (Adam, BCE-with-logits, early stopping
-on validation AUC, the best epoch's weights kept) and score it once on the test split. The test
+on validation AUC, the best epoch's weights kept, then Platt scaling fitted on validation and
+folded into the head: model_export/calibration.py) and score it once on the test split. The test
 split is never looked at before that last step: every choice is made on validation.
 
 Output (--out, model_export/checkpoint.py): checkpoint.pt, the vocabularies, metrics.json (both
@@ -40,6 +41,7 @@ from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from model_export import metrics
+from model_export.calibration import Calibration, calibrate
 from model_export.checkpoint import Checkpoint, save_checkpoint
 from model_export.data import Dataset, SampleOptions, Split, build_dataset, read_log
 from model_export.din import DIN, DINConfig, SparseFeature, parameter_count, preset_config
@@ -59,6 +61,7 @@ class FitResult:
     epochs_run: int
     valid_auc: float
     wall_seconds: float
+    calibration: Calibration | None = None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,7 +143,8 @@ def train(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"split": "test", "samples": sizes}
     for key, result in results.items():
         test = tensors["test"]
-        probabilities = predict(result.model, test)
+        test_logits = logits(result.model, test).double().numpy()
+        probabilities = 1.0 / (1.0 + np.exp(-test_logits))
         labels = test["labels"].numpy()
         report[key] = {
             "auc": metrics.auc(labels, probabilities),
@@ -152,6 +156,11 @@ def train(args: argparse.Namespace) -> int:
             "wall_seconds": round(result.wall_seconds, 2),
             "parameters": parameter_count(result.model),
         }
+        if result.calibration is not None:
+            report[key]["logloss_uncalibrated"] = metrics.logloss(
+                labels, result.calibration.uncalibrated(test_logits)
+            )
+            report[key]["calibration"] = result.calibration.to_dict()
     report["wall_seconds"] = round(time.perf_counter() - started, 2)
 
     baseline = results.get("baseline")
@@ -210,15 +219,20 @@ def forward(model: DIN, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(model: DIN, data: Batch) -> np.ndarray:
-    """Click probabilities for every sample of a split, in order."""
+def logits(model: DIN, data: Batch) -> torch.Tensor:
+    """(n,) logits for every sample of a split, in order."""
     model.eval()
     n = len(data["labels"])
     out = [
-        torch.sigmoid(forward(model, take(data, slice(i, i + EVAL_BATCH_SIZE))))
+        forward(model, take(data, slice(i, i + EVAL_BATCH_SIZE)))
         for i in range(0, n, EVAL_BATCH_SIZE)
     ]
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def predict(model: DIN, data: Batch) -> np.ndarray:
+    """Click probabilities for every sample of a split, in order."""
+    return torch.sigmoid(logits(model, data)).numpy()
 
 
 def fit(
@@ -272,7 +286,20 @@ def fit(
                 break
     model.load_state_dict(best_state)
     model.eval()
-    return FitResult(model, best_epoch, epoch, best_auc, time.perf_counter() - started)
+    calibration = None
+    if not args.no_calibration:
+        assert model.mlp.head is not None, "DIN's MLP always ends in a head"
+        calibration = calibrate(model.mlp.head, logits(model, valid), valid["labels"])
+        outcome = "folded into the head" if calibration.applied else "not applied"
+        print(
+            f"{name} calibration on validation: logloss {calibration.valid_logloss_before:.4f}"
+            f" -> {calibration.valid_logloss_after:.4f} (scale {calibration.scale:.3f}, shift "
+            f"{calibration.shift:.3f}), {outcome}",
+            file=sys.stderr,
+        )
+    return FitResult(
+        model, best_epoch, epoch, best_auc, time.perf_counter() - started, calibration
+    )
 
 
 def init_embeddings(model: DIN, std: float = EMBEDDING_INIT_STD) -> None:

@@ -54,6 +54,35 @@ def test_metrics_report_both_models_on_the_test_split(movielens_run: Path) -> No
         assert m["epochs_run"] == 1 and m["best_epoch"] == 1
         assert m["parameters"] > 0 and m["wall_seconds"] >= 0
     assert report["din"]["parameters"] > report["baseline"]["parameters"]  # the attention unit
+    for model in ("din", "baseline"):
+        fit = report[model]["calibration"]
+        assert math.isfinite(report[model]["logloss_uncalibrated"])
+        if fit["applied"]:  # folded only when it keeps the order and lowers validation logloss
+            assert fit["scale"] > 0 and fit["valid_logloss_after"] < fit["valid_logloss_before"]
+        else:
+            assert report[model]["logloss"] == report[model]["logloss_uncalibrated"]
+
+
+def test_calibration_changes_only_the_head_and_by_its_recorded_fit(
+    movielens_run: Path, tmp_path: Path
+) -> None:
+    train(tmp_path, "--no-baseline", "--no-calibration")
+    calibrated = torch.load(movielens_run / "checkpoint.pt", weights_only=True)["state_dict"]
+    raw = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["state_dict"]
+    report = json.loads((movielens_run / "metrics.json").read_text())["din"]
+    fit = report["calibration"]
+    assert fit["applied"]  # this slice's DIN is overconfident on validation
+    for name, tensor in raw.items():
+        if not name.startswith("mlp.head."):
+            assert torch.equal(tensor, calibrated[name]), name
+    scale, shift = fit["scale"], fit["shift"]
+    assert torch.allclose(calibrated["mlp.head.weight"], raw["mlp.head.weight"] * scale, atol=1e-6)
+    assert torch.allclose(calibrated["mlp.head.bias"], raw["mlp.head.bias"] * scale + shift,
+                          atol=1e-6)
+    unscaled = json.loads((tmp_path / "metrics.json").read_text())["din"]
+    assert "calibration" not in unscaled
+    assert abs(unscaled["logloss"] - report["logloss_uncalibrated"]) < 1e-5
+    assert abs(unscaled["auc"] - report["auc"]) < 1e-4  # the order is kept
 
 
 def test_training_record(movielens_run: Path) -> None:
