@@ -111,7 +111,7 @@ _SCORE_DOC: dict[str, Any] = {
         }},
     },
     "responses": {"200": {"content": {"application/json": {"example": {
-        "model_version": "1", "scores": [0.969, 0.874, 0.874, 0.939, 0.951],
+        "model_version": "1", "scores": [0.832, 0.688, 0.690, 0.771, 0.792],
         "history_length": 50, "degraded": False,
     }}}}},
 }
