@@ -48,6 +48,11 @@ LATENCY_BUCKETS = (
     2.5,
 )
 STAGES = ("history", "features", "inference")
+# Mean click probability of one request's candidates: fine steps where real CTRs live (0.1-10 %)
+# and through the middle, where a model trained on ratings (MovieLens) puts them.
+SCORE_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8,
+                 0.9, 0.95, 0.99)
+ITEM_INPUTS = ("candidate", "history")
 REJECT_REASONS = ("queue_full", "queue_timeout", "deadline", "body_timeout", "connections")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -106,6 +111,21 @@ class Metrics:
             "ctr_history_length",
             "History entries fed to the model per request",
             buckets=(0, 1, 5, 10, 20, 50, 100, 200, 500),
+            registry=r,
+        )
+        # What the model saw and said, for drift: ids it does not know (the catalogue moved on
+        # since training) and the level of its scores (a broken feature or history source).
+        self.unknown_items = Counter(
+            "ctr_unknown_items_total",
+            "Item ids not in the model's vocabulary, scored as out-of-vocabulary; divide by "
+            "ctr_candidates_per_request_sum or ctr_history_length_sum for the share",
+            ["input"],
+            registry=r,
+        )
+        self.mean_score = Histogram(
+            "ctr_request_mean_score",
+            "Mean click probability of one request's candidates",
+            buckets=SCORE_BUCKETS,
             registry=r,
         )
         self.degraded = Counter(
@@ -178,6 +198,8 @@ class Metrics:
             self.rejected.labels(reason)
         for stage in STAGES:
             self.stage_seconds.labels(stage)  # expose zeroed series from the start
+        for item_input in ITEM_INPUTS:
+            self.unknown_items.labels(item_input)
         for result in ("loaded", "rejected"):
             self.reloads.labels(result)
 

@@ -17,7 +17,8 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from model_export.bundle_format import HISTORY_ITEMS
+from model_export.bundle_format import CANDIDATE_ITEMS, HISTORY_ITEMS
+from model_export.vocab import OOV_INDEX
 from service.config import Settings
 from service.errors import (
     HistoryUnavailable,
@@ -168,6 +169,7 @@ async def score(request: Request) -> Response:
     history_length = int(feeds[HISTORY_ITEMS].shape[0])
     metrics.candidates.observe(len(req.candidates))
     metrics.history_length.observe(history_length)
+    observe_model_inputs_and_scores(metrics, feeds, scores)
     return json_response(
         {
             "model_version": model.version,
@@ -176,6 +178,20 @@ async def score(request: Request) -> Response:
             "degraded": degraded,
         }
     )
+
+
+def observe_model_inputs_and_scores(
+    metrics: Metrics, feeds: dict[str, np.ndarray], scores: np.ndarray
+) -> None:
+    """Unknown item ids and the scores' level, for drift dashboards (~8 µs a request, hot)."""
+    unknown_candidates = int(np.count_nonzero(feeds[CANDIDATE_ITEMS] == OOV_INDEX))
+    unknown_history = int(np.count_nonzero(feeds[HISTORY_ITEMS] == OOV_INDEX))
+    if unknown_candidates:
+        metrics.unknown_items.labels("candidate").inc(unknown_candidates)
+    if unknown_history:
+        metrics.unknown_items.labels("history").inc(unknown_history)
+    if scores.size:
+        metrics.mean_score.observe(float(scores.mean()))
 
 
 async def read_score_request(request: Request, settings: Settings) -> ScoreRequest:

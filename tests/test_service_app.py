@@ -141,6 +141,30 @@ def test_metrics_parse_and_move(client: TestClient, tiny_bundle: Path) -> None:
     assert metric(after, "ctr_candidates_per_request_count") >= 3
 
 
+def test_unknown_item_ids_and_the_score_level_are_counted(
+    client: TestClient, tiny_bundle: Path, redis_url: str, redis_prefix: str
+) -> None:
+    ids = item_ids(tiny_bundle)
+    hist_key, _ = keys(redis_prefix, "drift")
+    with redis.Redis.from_url(redis_url) as r:
+        r.rpush(hist_key, ids[2], "retired-item", ids[7])
+    before = client.get("/metrics").text
+    candidates = [ids[1], "new-1", ids[9], "new-2", "new-3"]
+    response = client.post(
+        "/score", json={"user_id": "drift", "candidates": [{"item_id": i} for i in candidates]})
+    assert response.status_code == 200, response.text
+    after = client.get("/metrics").text
+
+    def moved(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert moved("ctr_unknown_items_total", input="candidate") == 3
+    assert moved("ctr_unknown_items_total", input="history") == 1
+    assert moved("ctr_request_mean_score_count") == 1
+    scores = response.json()["scores"]
+    assert moved("ctr_request_mean_score_sum") == pytest.approx(float(np.mean(scores)), abs=1e-6)
+
+
 def test_startup_objects_are_frozen_out_of_garbage_collection_while_serving(
     tiny_bundle: Path, redis_url: str, redis_prefix: str
 ) -> None:
