@@ -353,12 +353,15 @@ def training_record(
 
 def print_table(report: dict[str, Any]) -> None:
     print(f"test split: {report['samples']['test']} samples")
-    print(f"{'model':<10} {'AUC':>7} {'GAUC':>7} {'logloss':>8} {'best/epochs':>11} {'seconds':>8}")
+    print(f"{'model':<10} {'AUC':>7} {'GAUC':>7} {'logloss':>8} {'(raw)':>8} {'best/epochs':>11} "
+          f"{'seconds':>8}")
     for key, label in (("din", "DIN"), ("baseline", "BaseModel")):
         if key in report:
             m = report[key]
+            raw = m.get("logloss_uncalibrated")  # absent with --no-calibration
             print(
                 f"{label:<10} {m['auc']:7.4f} {m['gauc']:7.4f} {m['logloss']:8.4f} "
+                f"{'' if raw is None else f'{raw:.4f}':>8} "
                 f"{m['best_epoch']:>5}/{m['epochs_run']:<5} {m['wall_seconds']:8.1f}"
             )
 
