@@ -40,7 +40,7 @@ class Calibration:
         z = np.asarray(logits, dtype=np.float64)
         if self.applied:
             z = (z - self.shift) / self.scale
-        return 1.0 / (1.0 + np.exp(-z))
+        return metrics.sigmoid(z)
 
 
 def fit_platt(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -65,8 +65,8 @@ def calibrate(head: nn.Linear, logits: torch.Tensor, labels: torch.Tensor) -> Ca
     scale, shift = fit_platt(logits, labels)
     y = labels.detach().double().numpy()
     z = logits.detach().double().numpy()
-    before = metrics.logloss(y, 1.0 / (1.0 + np.exp(-z)))
-    after = metrics.logloss(y, 1.0 / (1.0 + np.exp(-(scale * z + shift))))
+    before = metrics.logloss(y, metrics.sigmoid(z))
+    after = metrics.logloss(y, metrics.sigmoid(scale * z + shift))
     applied = bool(np.isfinite(scale) and np.isfinite(shift) and scale > 0 and after < before)
     if applied:
         fold_into_head(head, scale, shift)

@@ -75,3 +75,9 @@ def logloss(labels: ArrayLike, probabilities: ArrayLike, epsilon: float = LOGLOS
     if len(y) == 0:
         return float("nan")
     return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log(1.0 - p)))
+
+
+def sigmoid(logits: ArrayLike) -> NDArray[np.float64]:
+    """Click probabilities of logits, in float64; exp(-log(1 + e^-z)) never overflows."""
+    z = np.asarray(logits, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -z))

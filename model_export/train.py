@@ -144,7 +144,7 @@ def train(args: argparse.Namespace) -> int:
     for key, result in results.items():
         test = tensors["test"]
         test_logits = logits(result.model, test).double().numpy()
-        probabilities = 1.0 / (1.0 + np.exp(-test_logits))
+        probabilities = metrics.sigmoid(test_logits)
         labels = test["labels"].numpy()
         report[key] = {
             "auc": metrics.auc(labels, probabilities),

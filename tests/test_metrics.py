@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from model_export.metrics import auc, average_ranks, gauc, logloss
+from model_export.metrics import auc, average_ranks, gauc, logloss, sigmoid
 
 
 def pairwise_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -95,3 +95,11 @@ def test_shape_mismatch_is_an_error() -> None:
         auc([1, 0], [0.5])
     with pytest.raises(ValueError, match="shape"):
         gauc([1, 0], [0.5, 0.2], [1])
+
+
+def test_sigmoid_is_exact_in_the_middle_and_finite_at_the_extremes() -> None:
+    z = np.array([-1000.0, -5.0, 0.0, 2.0, 1000.0])
+    with np.errstate(over="raise"):
+        p = sigmoid(z)
+    np.testing.assert_allclose(p[1:4], 1.0 / (1.0 + np.exp(-z[1:4])), rtol=1e-15)
+    assert p[0] == 0.0 and p[-1] == 1.0
