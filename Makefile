@@ -41,7 +41,7 @@ test: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
-	$(BIN)/mypy service model_export dinserve
+	$(BIN)/mypy service model_export dinserve bench tests
 
 openapi: $(INSTALLED)
 	$(BIN)/dinserve openapi --out docs/openapi.json

@@ -167,8 +167,10 @@ def build_tiny_checkpoint(seed: int = 0, features: bool = True, **overrides: Any
             for module in model.modules():
                 # Non-trivial running statistics and α: the folded Dice must reproduce them.
                 if isinstance(module, Dice):
-                    module.norm.running_mean.uniform_(-0.5, 0.5)
-                    module.norm.running_var.uniform_(0.5, 2.0)
+                    stats = module.norm
+                    assert stats.running_mean is not None and stats.running_var is not None
+                    stats.running_mean.uniform_(-0.5, 0.5)
+                    stats.running_var.uniform_(0.5, 2.0)
                     module.alpha.uniform_(-0.5, 0.5)
         return model
 

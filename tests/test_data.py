@@ -253,8 +253,8 @@ def test_implicit_log_gets_sampled_negatives_the_user_never_touched(tmp_path: Pa
     log = read_log(path)
     data = build_dataset(log, SampleOptions(negatives=2, seed=7))
     touched: dict[str, set[str]] = {}
-    for u, i in zip(log.user_ids, log.item_ids, strict=True):
-        touched.setdefault(u, set()).add(i)
+    for user_id, item_id in zip(log.user_ids, log.item_ids, strict=True):
+        touched.setdefault(user_id, set()).add(item_id)
     negatives = 0
     for _, split in all_samples(data):
         assert (split.labels == 0).sum() == 2 * (split.labels == 1).sum()
@@ -322,9 +322,9 @@ def test_parquet_log_reads_like_the_same_csv(tmp_path: Path) -> None:
     })
     pq.write_table(table, tmp_path / "log.parquet")
     csv_path = write_csv(tmp_path / "log.csv", FEATURE_HEADER, FEATURE_ROWS)
-    kwargs = {"user_columns": ["age"], "context_columns": ["device"]}
-    from_parquet = build_dataset(read_log(tmp_path / "log.parquet", **kwargs))
-    from_csv = build_dataset(read_log(csv_path, **kwargs))
+    from_parquet = build_dataset(
+        read_log(tmp_path / "log.parquet", user_columns=["age"], context_columns=["device"]))
+    from_csv = build_dataset(read_log(csv_path, user_columns=["age"], context_columns=["device"]))
     assert read_log(tmp_path / "log.parquet").format == "parquet"
     for (name, a), (_, b) in zip(all_samples(from_parquet), all_samples(from_csv), strict=True):
         for key, value in a.arrays().items():

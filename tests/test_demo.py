@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -64,13 +65,13 @@ class DemoProcess:
             if remaining <= 0:
                 pytest.fail(f"no line matching {pattern!r} after {timeout}s:\n{self.output}")
             try:
-                line = self._queue.get(timeout=remaining)
+                next_line = self._queue.get(timeout=remaining)
             except queue.Empty:
                 continue
-            if line is None:
+            if next_line is None:
                 pytest.fail(f"demo exited ({self.proc.wait()}) before {pattern!r}:\n{self.output}")
-            self.lines.append(line)
-            if match := regex.search(line):
+            self.lines.append(next_line)
+            if match := regex.search(next_line):
                 return match
 
     def drain(self, timeout: float = 5.0) -> None:
@@ -130,15 +131,16 @@ def listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def send_printed_curl(demo: DemoProcess) -> tuple[dict[str, object], dict[str, object]]:
+def send_printed_curl(demo: DemoProcess) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run the curl the demo printed, with httpx: same URL, headers and body."""
     line = demo.wait_for(r"^\s+curl .*/score", timeout=5.0).string
     argv = shlex.split(line)
     url = next(a for a in argv if a.startswith("http"))
-    headers = dict(
-        tuple(part.strip() for part in argv[i + 1].split(":", 1))
-        for i, a in enumerate(argv) if a == "-H"
-    )
+    headers: dict[str, str] = {}
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag == "-H":
+            name, _, field_value = value.partition(":")
+            headers[name.strip()] = field_value.strip()
     body = argv[argv.index("-d") + 1]
     reply = httpx.post(url, content=body, headers=headers, timeout=10.0)
     assert reply.status_code == 200, reply.text

@@ -337,7 +337,7 @@ class ShiftedDIN(DIN):
     """A DIN whose forward does something its weights do not say: the serving rewrite, built from
     the weights alone, cannot reproduce it, and the parity check must notice."""
 
-    def forward(self, *inputs: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(*inputs) + 0.05
 
 
@@ -345,8 +345,11 @@ def test_check_parity_reports_a_different_model(
     tiny_bundle: Path, tiny_checkpoint: Checkpoint
 ) -> None:
     other = copy.deepcopy(tiny_checkpoint.model)
+    assert other.attention is not None
+    first = other.attention.unit.linears[0]
+    assert isinstance(first, torch.nn.Linear)
     with torch.no_grad():
-        other.attention.unit.linears[0].weight.mul_(1.01)  # type: ignore[union-attr]
+        first.weight.mul_(1.01)
     results = check_parity(tiny_bundle / "model.onnx", other, parity_cases(tiny_checkpoint))
     by_name = {r.name: r.max_abs_diff for r in results}
     assert max(by_name.values()) > TOLERANCE
@@ -377,6 +380,7 @@ def test_cli_export_refuses_a_checkpoint_with_nan_statistics(
     """A diverged training run (NaN BatchNorm statistics in a Dice) must not become a bundle."""
     broken = copy.deepcopy(tiny_checkpoint)
     dice = next(m for m in broken.model.mlp.modules() if isinstance(m, Dice))
+    assert dice.norm.running_var is not None
     dice.norm.running_var[0] = float("nan")
     save_checkpoint(broken, tmp_path / "run")
     models = tmp_path / "models"

@@ -182,7 +182,7 @@ def wait_recovered(svc: ServiceProcess, body: bytes, timeout: float = 30.0) -> f
 
 
 def under_fault(name: str, svc: ServiceProcess, bodies: list[bytes],
-                inject: Callable[[], None], clear: Callable[[], None]) -> FaultRun:
+                inject: Callable[[], object], clear: Callable[[], object]) -> FaultRun:
     """Load at RATE for BEFORE + DURING + AFTER seconds; the fault spans DURING."""
     settings = LoadSettings(url=f"{svc.url}/score", rate=RATE, duration=BEFORE + DURING + AFTER,
                             warmup=0.0, connections=8, max_connections=64, timeout=10.0,
@@ -232,11 +232,15 @@ def assert_survived(run: FaultRun, svc: ServiceProcess) -> None:
 # Redis faults
 
 
-def kill_and_restart(server: FaultRedis) -> tuple[Callable[[], None], Callable[[], None]]:
+# A fault's inject and clear: what they return is ignored.
+Fault = Callable[[], object]
+
+
+def kill_and_restart(server: FaultRedis) -> tuple[Fault, Fault]:
     return server.kill, server.start
 
 
-def client_pause(server: FaultRedis) -> tuple[Callable[[], None], Callable[[], None]]:
+def client_pause(server: FaultRedis) -> tuple[Fault, Fault]:
     def inject() -> None:
         with server.client() as r:
             r.execute_command("CLIENT", "PAUSE", str(int(DURING * 1000)), "ALL")
@@ -248,7 +252,7 @@ def client_pause(server: FaultRedis) -> tuple[Callable[[], None], Callable[[], N
     return inject, clear
 
 
-def debug_sleep(server: FaultRedis) -> tuple[Callable[[], None], Callable[[], None]]:
+def debug_sleep(server: FaultRedis) -> tuple[Fault, Fault]:
     # DEBUG SLEEP blocks the whole server, accept() included; it ends by itself.
     sleeper = threading.Thread(target=lambda: server.client().execute_command(
         "DEBUG", "SLEEP", str(DURING)))
@@ -259,7 +263,7 @@ def debug_sleep(server: FaultRedis) -> tuple[Callable[[], None], Callable[[], No
     return inject, lambda: sleeper.join(30)
 
 
-def max_clients(server: FaultRedis) -> tuple[Callable[[], None], Callable[[], None]]:
+def max_clients(server: FaultRedis) -> tuple[Fault, Fault]:
     admin = server.client()
 
     def inject() -> None:
@@ -305,16 +309,16 @@ def test_redis_fault_under_load_degrades_then_recovers(
 # A slow or broken network between the service and Redis
 
 
-def proxy_delay(proxy: TcpProxy) -> tuple[Callable[[], None], Callable[[], None]]:
+def proxy_delay(proxy: TcpProxy) -> tuple[Fault, Fault]:
     # 300 ms each way: every round trip misses the 100 ms deadline.
     return lambda: proxy.delay(0.3), proxy.clear
 
 
-def proxy_blackhole(proxy: TcpProxy) -> tuple[Callable[[], None], Callable[[], None]]:
+def proxy_blackhole(proxy: TcpProxy) -> tuple[Fault, Fault]:
     return lambda: proxy.blackhole(True), proxy.clear
 
 
-def proxy_reset(proxy: TcpProxy) -> tuple[Callable[[], None], Callable[[], None]]:
+def proxy_reset(proxy: TcpProxy) -> tuple[Fault, Fault]:
     def inject() -> None:
         proxy.refuse(True)
         proxy.reset_all()

@@ -6,6 +6,7 @@ import gc
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,8 +21,8 @@ from service.errors import ServiceError
 from service.history import keys
 
 
-def settings(bundle: Path, redis_url: str, prefix: str, **overrides: object) -> Settings:
-    values: dict[str, object] = dict(
+def settings(bundle: Path, redis_url: str, prefix: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = dict(
         model_dir=bundle, redis_url=redis_url, redis_prefix=prefix, reload_poll_seconds=0,
         warmup_runs=1, redis_deadline_ms=500,  # generous: this machine is shared and noisy
     )

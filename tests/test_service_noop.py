@@ -6,6 +6,7 @@ must refuse exactly what /score refuses and accept what /score accepts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def test_off_by_default(tiny_bundle: Path, redis_url: str, redis_prefix: str) ->
 
 
 @pytest.fixture
-def client(tiny_bundle: Path, redis_url: str, redis_prefix: str) -> TestClient:
+def client(tiny_bundle: Path, redis_url: str, redis_prefix: str) -> Iterator[TestClient]:
     app = create_app(settings(tiny_bundle, redis_url, redis_prefix, bench_endpoints=True))
     with TestClient(app) as c:
         yield c
