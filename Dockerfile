@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Three stages from one slim base:
-#   build    the runtime dependencies (no torch) in a venv at /opt/venv
+#   build    the runtime dependencies and the service (no torch, no model_export/) in /opt/venv
 #   service  the default target: that venv, a non-root user, `dinserve serve` on /models
 #   model    build + torch (CPU) + the MovieLens data: trains/exports the demo bundle into /models
 #            and loads the demo histories (docker-compose.yml's one-shot `model` job)
@@ -27,8 +27,8 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY dinserve ./dinserve
 COPY service ./service
-COPY model_export ./model_export
-# No extras: the runtime set of pyproject.toml (fastapi, uvicorn, onnxruntime, redis, ...), no torch.
+# No extras and no offline code: the runtime set of pyproject.toml (fastapi, uvicorn, onnxruntime,
+# redis, ...) and the service; model_export/ (training and export) goes only into the model image.
 RUN pip install --no-cache-dir .
 
 FROM base AS model

@@ -26,7 +26,7 @@ import numpy as np
 
 from bench import machinecpu
 from bench.loadreport import write_json
-from model_export.bundle_format import CANDIDATE_ITEMS, HISTORY_ITEMS
+from service.bundle import CANDIDATE_ITEMS, HISTORY_ITEMS
 from service.config import Settings
 from service.errors import BundleRejected
 from service.features import Int64Array

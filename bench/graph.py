@@ -42,12 +42,6 @@ from numpy.typing import NDArray  # noqa: E402
 
 from bench import machinecpu  # noqa: E402
 from bench.machinecpu import CpuWindow  # noqa: E402
-from model_export.bundle_format import (  # noqa: E402
-    CANDIDATE_CATEGORIES,
-    CANDIDATE_ITEMS,
-    HISTORY_CATEGORIES,
-    HISTORY_ITEMS,
-)
 from model_export.din import DIN, Dice, preset_config  # noqa: E402
 from model_export.export import (  # noqa: E402
     Feeds,
@@ -60,6 +54,12 @@ from model_export.export import (  # noqa: E402
 )
 from model_export.serving import ServingAttention, ServingDIN  # noqa: E402
 from model_export.switch import taken_branch  # noqa: E402
+from service.bundle import (  # noqa: E402
+    CANDIDATE_CATEGORIES,
+    CANDIDATE_ITEMS,
+    HISTORY_CATEGORIES,
+    HISTORY_ITEMS,
+)
 from service.model import chunk_feeds  # noqa: E402
 
 # Embedding rows of the twin whose graphs count the FLOPs (count_flops). matmul_flops reads only

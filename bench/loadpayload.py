@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from model_export.bundle_format import version_dirs
+from service.bundle import ITEMS_FILE, version_dirs
 from service.history import keys
 
 SEED_PIPELINE_CHUNK = 500
@@ -44,12 +44,12 @@ def resolve_items_file(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    if (p / "items.tsv").is_file():
-        return p / "items.tsv"
+    if (p / ITEMS_FILE).is_file():
+        return p / ITEMS_FILE
     versions = version_dirs(p)  # the service's rule: the version it would serve comes first
     for _, version in reversed(versions):
-        if (version / "items.tsv").is_file():
-            return version / "items.tsv"
+        if (version / ITEMS_FILE).is_file():
+            return version / ITEMS_FILE
     raise FileNotFoundError(f"no items.tsv at {p} (give the file, models/<name>/<version>/ "
                             "or models/<name>/)")
 

@@ -28,7 +28,7 @@ import httpx
 
 from dinserve import processes
 from dinserve.redis_server import LocalRedis, RedisServerError, answers, find_redis_server
-from model_export.bundle_format import version_dirs
+from service.bundle import ITEMS_FILE, version_dirs
 
 DEMO_NAME = "demo"
 EXAMPLE_CANDIDATES = 5
@@ -314,14 +314,14 @@ class Example:
 
     @classmethod
     def pick(cls, data: Path, fmt: str, bundle: Path) -> Example:
-        from model_export.data import read_log  # torch-free
-        from model_export.vocab import ItemTable
+        from service.interaction_log import read_log
+        from service.vocab import ItemTable
 
         log = read_log(data, fmt)
         user = log.user_ids[0]
         seen = {item for u, item in zip(log.user_ids, log.item_ids, strict=True) if u == user}
         # items.tsv is ordered most frequent first: the first unseen ones are good candidates.
-        table = ItemTable.load(bundle / "items.tsv")
+        table = ItemTable.load(bundle / ITEMS_FILE)
         items = [i for i in table.items.tokens if i not in seen][:EXAMPLE_CANDIDATES]
         return cls(user_id=user, items=items, titles=movie_titles(data, set(items)))
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from model_export.din import DIN, DINConfig
-from model_export.vocab import ItemTable, Vocabulary
+from service.bundle import CATEGORIES_FILE, ITEMS_FILE
+from service.vocab import ItemTable, Vocabulary
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
@@ -62,8 +63,8 @@ def save_checkpoint(ckpt: Checkpoint, run_dir: Path) -> None:
             "state_dict": ckpt.baseline.state_dict(),
         }
     torch.save(payload, run_dir / CHECKPOINT_FILE)
-    ckpt.item_table.save(run_dir / "items.tsv")
-    ckpt.categories.save(run_dir / "categories.tsv")
+    ckpt.item_table.save(run_dir / ITEMS_FILE)
+    ckpt.categories.save(run_dir / CATEGORIES_FILE)
     for name, vocab in ckpt.features.items():
         vocab.save(run_dir / feature_file(name))
     (run_dir / METRICS_FILE).write_text(json.dumps(ckpt.metrics, indent=2) + "\n")
@@ -93,8 +94,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     metrics_path, training_path = run_dir / METRICS_FILE, run_dir / TRAINING_FILE
     return Checkpoint(
         model=model,
-        item_table=ItemTable.load(run_dir / "items.tsv"),
-        categories=Vocabulary.load(run_dir / "categories.tsv"),
+        item_table=ItemTable.load(run_dir / ITEMS_FILE),
+        categories=Vocabulary.load(run_dir / CATEGORIES_FILE),
         features=features,
         metrics=json.loads(metrics_path.read_text()) if metrics_path.is_file() else {},
         training=json.loads(training_path.read_text()) if training_path.is_file() else {},

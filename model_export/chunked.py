@@ -34,9 +34,9 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from model_export.bundle_format import CHUNK_INPUT
 from model_export.serving import ChannelPairs, PairScores
 from model_export.switch import renamed, renamed_node
+from service.bundle import CHUNK_INPUT
 
 # Floats in one chunk's largest pair tensor (l × H × N); the chunk length l follows from it.
 CHUNK_FLOATS = 65536  # the default of the optional graph input CHUNK_INPUT

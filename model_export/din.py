@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from model_export.vocab import FIRST_TOKEN_INDEX, OOV_INDEX, PADDING_INDEX
+from service.vocab import FIRST_TOKEN_INDEX, OOV_INDEX, PADDING_INDEX
 
 Activation = Literal["dice", "relu", "prelu", "sigmoid"]
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
-import json
 import logging
 import os
 import re
@@ -31,7 +29,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -39,30 +37,42 @@ import onnxruntime as ort
 import torch
 from numpy.typing import NDArray
 
-from model_export.bundle_format import (
-    BUNDLE_FORMAT,
-    BUNDLE_FORMAT_VERSION,
+from model_export.checkpoint import Checkpoint, feature_file, load_checkpoint
+from model_export.chunked import chunk_pair_scores
+from model_export.din import DIN, SparseFeature
+from model_export.serving import NaiveDIN, PairScores, ServingAttention, ServingDIN
+from model_export.switch import SMALL_CANDIDATES, switch_on_candidates
+from service.bundle import (
     CANDIDATE_CATEGORIES,
     CANDIDATE_ITEMS,
+    CATEGORIES_FILE,
     CONTEXT_FEATURES,
     HISTORY_CATEGORIES,
     HISTORY_ITEMS,
-    MANIFEST_FILE,
+    ITEMS_FILE,
     MODEL_FILE,
+    NAIVE_FILE,
     OUTPUT,
     USER_FEATURES,
+    Conventions,
+    FeatureEntry,
+    Features,
+    Golden,
+    GoldenCase,
+    Manifest,
+    OnnxInfo,
+    TensorSpec,
+    Vocabularies,
+    VocabularyEntry,
+    file_entries,
+    read_manifest,
+    write_manifest,
 )
-from model_export.checkpoint import Checkpoint, feature_file, load_checkpoint
-from model_export.chunked import chunk_pair_scores
-from model_export.din import DIN
-from model_export.serving import NaiveDIN, PairScores, ServingAttention, ServingDIN
-from model_export.switch import SMALL_CANDIDATES, switch_on_candidates
-from model_export.vocab import FIRST_TOKEN_INDEX, OOV_INDEX, PADDING_INDEX
+from service.vocab import FIRST_TOKEN_INDEX, OOV_INDEX, PADDING_INDEX
 
 logger = logging.getLogger(__name__)
 
 OPSET = 17
-NAIVE_FILE = "model_naive.onnx"
 DEFAULT_TOLERANCE = 1e-5
 HISTORY_INPUTS = (HISTORY_ITEMS, HISTORY_CATEGORIES)
 CANDIDATE_INPUTS = (CANDIDATE_ITEMS, CANDIDATE_CATEGORIES)
@@ -422,30 +432,23 @@ def parity_message(graph: str, results: Sequence[CaseResult], tolerance: float) 
 # The bundle
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-ONNX_DTYPES: dict[int, str] = {
+ONNX_DTYPES: dict[int, Literal["int64", "float32"]] = {
     int(onnx.TensorProto.INT64): "int64", int(onnx.TensorProto.FLOAT): "float32"
 }
 
 
-def tensor_contract(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def tensor_contract(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """(inputs, outputs) as manifest.json lists them, read from the ONNX graph itself."""
     graph = onnx.load(str(path), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
 
-    def describe(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    def describe(value: onnx.ValueInfoProto) -> TensorSpec:
         tensor = value.type.tensor_type
-        shape: list[str | int] = [
+        shape: list[int | str] = [
             d.dim_param if d.dim_param else int(d.dim_value) for d in tensor.shape.dim
         ]
-        return {"name": value.name, "dtype": ONNX_DTYPES[int(tensor.elem_type)], "shape": shape}
+        dtype = ONNX_DTYPES[int(tensor.elem_type)]
+        return TensorSpec(name=value.name, dtype=dtype, shape=shape)
 
     inputs = [describe(v) for v in graph.input if v.name not in initializers]
     return inputs, [describe(v) for v in graph.output]
@@ -458,68 +461,59 @@ def next_version(model_dir: Path) -> str:
     return str(max(existing, default=0) + 1)
 
 
-def _case_json(case: Case, scores: NDArray[np.float32]) -> dict[str, Any]:
-    return {
-        "name": case.name,
-        "inputs": {name: value.tolist() for name, value in case.feeds.items()},
-        OUTPUT: [float(s) for s in scores],
-    }
+def _golden_case(case: Case, scores: NDArray[np.float32]) -> GoldenCase:
+    return GoldenCase(
+        name=case.name,
+        inputs={name: value.tolist() for name, value in case.feeds.items()},
+        ctr=[float(s) for s in scores],
+    )
 
 
-def write_manifest(
+def build_manifest(
     bundle: Path, ckpt: Checkpoint, name: str, version: str, tolerance: float, naive: bool
-) -> dict[str, Any]:
-    """manifest.json for the files already in `bundle` (docs/bundle.md, field by field)."""
+) -> Manifest:
+    """The manifest of the files already in `bundle` (docs/bundle.md, field by field)."""
     config = ckpt.config
     inputs, outputs = tensor_contract(bundle / MODEL_FILE)
-    golden = [_case_json(c, reference_scores(ckpt.model, c.feeds)) for c in golden_cases(ckpt)]
-    files = {
-        p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
-        for p in sorted(bundle.iterdir())
-        if p.is_file() and p.name != MANIFEST_FILE
-    }
-    manifest = {
-        "format": BUNDLE_FORMAT,
-        "format_version": BUNDLE_FORMAT_VERSION,
-        "name": name,
-        "version": version,
-        "created_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "config": config.to_dict(),
-        "conventions": {
-            "padding_index": PADDING_INDEX,
-            "oov_index": OOV_INDEX,
-            "first_token_index": FIRST_TOKEN_INDEX,
-        },
-        "max_history_length": config.max_history_length,
-        "max_categories": config.max_categories,
-        "inputs": inputs,
-        "outputs": outputs,
-        "features": {
-            kind: [
-                {"name": f.name, "vocabulary": feature_file(f.name), "size": f.vocab_size}
-                for f in specs
-            ]
-            for kind, specs in (
-                ("user", config.user_features), ("context", config.context_features)
-            )
-        },
-        "vocabularies": {
-            "items": {"file": "items.tsv", "size": ckpt.item_table.items.size},
-            "categories": {"file": "categories.tsv", "size": ckpt.categories.size},
-        },
-        "files": files,
-        "metrics": ckpt.metrics,
-        "golden": {"tolerance": tolerance, "cases": golden},
-        "onnx": {
-            "opset": OPSET,
-            "graph": "serving",
-            "naive": NAIVE_FILE if naive else None,
-            "switch": switch_plan(ckpt.model),
-            "producer": f"torch {torch.__version__}",
-        },
-    }
-    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return manifest
+    golden = [_golden_case(c, reference_scores(ckpt.model, c.feeds)) for c in golden_cases(ckpt)]
+
+    def features(specs: Sequence[SparseFeature]) -> list[FeatureEntry]:
+        return [
+            FeatureEntry(name=f.name, vocabulary=feature_file(f.name), size=f.vocab_size)
+            for f in specs
+        ]
+
+    return Manifest(
+        architecture="din",
+        name=name,
+        version=version,
+        created_at=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        config=config.to_dict(),
+        conventions=Conventions(
+            padding_index=PADDING_INDEX, oov_index=OOV_INDEX, first_token_index=FIRST_TOKEN_INDEX
+        ),
+        max_history_length=config.max_history_length,
+        max_categories=config.max_categories,
+        inputs=inputs,
+        outputs=outputs,
+        features=Features(
+            user=features(config.user_features), context=features(config.context_features)
+        ),
+        vocabularies=Vocabularies(
+            items=VocabularyEntry(file=ITEMS_FILE, size=ckpt.item_table.items.size),
+            categories=VocabularyEntry(file=CATEGORIES_FILE, size=ckpt.categories.size),
+        ),
+        files=file_entries(bundle),
+        metrics=ckpt.metrics,
+        golden=Golden(tolerance=tolerance, cases=golden),
+        onnx=OnnxInfo(
+            opset=OPSET,
+            graph="serving",
+            naive=NAIVE_FILE if naive else None,
+            switch=switch_plan(ckpt.model),
+            producer=f"torch {torch.__version__}",
+        ),
+    )
 
 
 def _check_vocabularies(ckpt: Checkpoint) -> None:
@@ -585,12 +579,12 @@ def export_bundle(
                 logger.info("parity %s %s: max |diff| %.3g", label, r.name, r.max_abs_diff)
             if not all(r.passes(tolerance) for r in results):
                 raise ParityError(parity_message(label, results, tolerance))
-        ckpt.item_table.save(staging / "items.tsv")
-        ckpt.categories.save(staging / "categories.tsv")
+        ckpt.item_table.save(staging / ITEMS_FILE)
+        ckpt.categories.save(staging / CATEGORIES_FILE)
         for feature_name, vocab in ckpt.features.items():
             vocab.save(staging / feature_file(feature_name))
         version = version or next_version(model_dir)
-        write_manifest(staging, ckpt, name, version, tolerance, naive)
+        write_manifest(staging, build_manifest(staging, ckpt, name, version, tolerance, naive))
         target = model_dir / version
         if target.exists():
             raise ExportError(f"{target} already exists; pick another --version")
@@ -629,8 +623,8 @@ def run(args: argparse.Namespace) -> int:
     except (ExportError, FileNotFoundError, ValueError) as exc:
         print(f"dinserve export: {exc}", file=sys.stderr)
         return 2
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text(encoding="utf-8"))
-    files = ", ".join(manifest["files"])
-    print(f"exported {manifest['name']} version {manifest['version']} to {bundle} ({files})")
+    manifest = read_manifest(bundle)
+    files = ", ".join(manifest.files)
+    print(f"exported {manifest.name} version {manifest.version} to {bundle} ({files})")
     print(f"parity within {args.tolerance:g} on {len(parity_cases(ckpt))} cases")
     return 0

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from model_export.din import DIN, MLP, Dice, normalize_attention, sparse_embeddings
-from model_export.vocab import PADDING_INDEX
+from service.vocab import PADDING_INDEX
 
 # Dice's shifted form divides by 1 − α and subtracts c = −mean·a after a sum that includes c:
 # beyond this |c| the cancellation would cost more float32 precision than the parity check allows.

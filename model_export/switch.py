@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from model_export.bundle_format import CANDIDATE_ITEMS
+from service.bundle import CANDIDATE_ITEMS
 
 _Named = TypeVar("_Named", onnx.TensorProto, onnx.ValueInfoProto)
 

@@ -43,9 +43,10 @@ from tqdm import tqdm  # noqa: E402
 from model_export import metrics
 from model_export.calibration import Calibration, calibrate
 from model_export.checkpoint import Checkpoint, save_checkpoint
-from model_export.data import Dataset, SampleOptions, Split, build_dataset, read_log
+from model_export.data import Dataset, SampleOptions, Split, build_dataset
 from model_export.din import DIN, DINConfig, SparseFeature, parameter_count, preset_config
-from model_export.vocab import PADDING_INDEX
+from service.interaction_log import read_log
+from service.vocab import PADDING_INDEX
 
 EVAL_BATCH_SIZE = 1024
 EMBEDDING_INIT_STD = 1e-4

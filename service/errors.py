@@ -10,7 +10,6 @@
     ├── MethodNotAllowed (405)
     ├── BundleRejected (409)          a model bundle failed its checks (load or reload)
     ├── HistoryUnavailable (503)      Redis missed the deadline or is down (fail policy)
-    ├── ModelNotReady (503)
     ├── Overloaded (503)              admission queue full or waited too long (service/overload.py)
     ├── DeadlineExceeded (504)        the caller's X-Request-Deadline-Ms passed before the answer
     └── InferenceFailed (500)         onnxruntime raised
@@ -125,11 +124,6 @@ class HistoryUnavailable(ServiceError):
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message, headers={"Retry-After": "1"})
         self.reason = reason
-
-
-class ModelNotReady(ServiceError):
-    status = 503
-    code = "model_not_ready"
 
 
 class RequestTimeout(InvalidRequest):

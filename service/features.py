@@ -1,11 +1,11 @@
 """Request + history -> the serving graph's named int64 arrays (docs/bundle.md). Pure functions.
 
 The only code that knows both the wire format and the tensor layout. Conventions, shared with
-model_export/din.py: index 0 is padding (also for a missing feature value), 1 is out-of-vocabulary,
-real tokens start at 2. An item's categories come from the bundle's item table, one numpy row
-lookup for all candidates at once; a category sent with a candidate replaces that row for this
-request only. The history is looked up once and broadcast inside the graph, never tiled per
-candidate.
+the trained model (service/vocab.py, docs/bundle.md): index 0 is padding (also for a missing
+feature value), 1 is out-of-vocabulary, real tokens start at 2. An item's categories come from
+the bundle's item table, one numpy row lookup for all candidates at once; a category sent with
+a candidate replaces that row for this request only. The history is looked up once and broadcast
+inside the graph, never tiled per candidate.
 
 A raw id may arrive as a JSON integer: it stands for its decimal text. Rather than formatting every
 integer per request (str() of 200 ints costs more than the lookups themselves), each lookup table
@@ -22,7 +22,7 @@ from operator import itemgetter
 import numpy as np
 from numpy.typing import NDArray
 
-from model_export.bundle_format import (
+from service.bundle import (
     CANDIDATE_CATEGORIES,
     CANDIDATE_ITEMS,
     CONTEXT_FEATURES,
@@ -30,9 +30,9 @@ from model_export.bundle_format import (
     HISTORY_ITEMS,
     USER_FEATURES,
 )
-from model_export.vocab import OOV_INDEX, PADDING_INDEX, Vocabulary
 from service.history import History
 from service.schemas import ScoreRequest
+from service.vocab import OOV_INDEX, PADDING_INDEX, Vocabulary
 
 Int64Array = NDArray[np.int64]
 RawIndex = dict[int | str, int]

@@ -1,6 +1,6 @@
 """`dinserve history load`: write every user's history from an interaction log into Redis.
 
-The log is read by model_export.data.read_log, the reader training uses (torch-free), and grouped
+The log is read by service/interaction_log.py, the reader training uses too, and grouped
 by InteractionLog.histories(): the same behaviours, newest first, capped at the max history length.
 Each user is written as one MULTI/EXEC (DEL, then RPUSH of the capped list, then the profile hash
 when asked), so a reader never sees a half-written list and running the load twice leaves the
@@ -10,7 +10,6 @@ same state: idempotent. Users are pipelined in batches, one round trip per batch
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -23,10 +22,10 @@ import redis
 from pydantic import ValidationError
 from redis.typing import EncodableT, FieldT
 
-from model_export.bundle_format import MANIFEST_FILE
+from service.bundle import BundleError, read_manifest, resolve_bundle
 from service.config import Settings
 from service.history import keys
-from service.model import resolve_bundle
+from service.interaction_log import read_log
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def write_histories(
     """Replace each user's list (and profile hash) under prefix; returns what was written.
 
     `histories` yields objects with user_id, items (newest first, already capped) and profile
-    (model_export.data.UserHistory).
+    (interaction_log.UserHistory).
     """
     start = time.perf_counter()
     users = entries = profiles = 0
@@ -97,10 +96,8 @@ def bundle_defaults(model_dir: Path) -> tuple[int, list[str]]:
 
     Reads manifest.json only: loading the ONNX session would cost time and prove nothing here.
     """
-    directory = resolve_bundle(model_dir)
-    manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
-    user = [str(f["name"]) for f in (manifest.get("features") or {}).get("user") or []]
-    return int(manifest["max_history_length"]), user
+    manifest = read_manifest(resolve_bundle(model_dir))
+    return manifest.max_history_length, [f.name for f in manifest.features.user]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model_dir is not None:
         try:
             bundle_length, bundle_user = bundle_defaults(Path(args.model_dir))
-        except Exception as exc:  # noqa: BLE001 - any unreadable bundle is the same user error
+        except BundleError as exc:
             print(f"error: cannot read the bundle at {args.model_dir}: {exc}", file=sys.stderr)
             return 2
         max_length = max_length or bundle_length
@@ -130,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
     if max_length < 1:
         print("error: --max-length must be at least 1", file=sys.stderr)
         return 2
-
-    from model_export.data import read_log  # torch-free reader shared with training
 
     try:
         log = read_log(args.data, args.format, user_columns=user_columns)

@@ -15,11 +15,9 @@ so requests go through score(), which runs it on the inference threads (inferenc
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,25 +27,28 @@ import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
 
-from model_export.bundle_format import (
-    BUNDLE_FORMAT,
-    BUNDLE_FORMAT_VERSION,
+from service.bundle import (
     CANDIDATE_CATEGORIES,
     CANDIDATE_ITEMS,
     CHUNK_INPUT,
     CONTEXT_FEATURES,
     HISTORY_CATEGORIES,
     HISTORY_ITEMS,
-    MANIFEST_FILE,
     MODEL_FILE,
     OUTPUT,
     USER_FEATURES,
-    version_dirs,
+    Bundle,
+    BundleError,
+    FeatureEntry,
+    Manifest,
+    TensorSpec,
+    open_bundle,
+    resolve_bundle,
 )
-from model_export.vocab import FIRST_TOKEN_INDEX, ItemTable, Vocabulary
 from service.config import Settings
 from service.errors import BundleRejected, InferenceFailed
 from service.features import FeatureSpace, Int64Array
+from service.vocab import FIRST_TOKEN_INDEX, Vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -70,25 +71,12 @@ ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)"}
 # Finding the bundle
 
 
-def resolve_bundle(path: Path) -> Path:
-    """A bundle dir, a model-name dir (its latest version) or a models root holding one model."""
-    if (path / MANIFEST_FILE).is_file():
-        return path
-    if not path.is_dir():
-        raise BundleRejected(f"{path}: no such directory (set CTR_MODEL_DIR or --model-dir)")
-    versions = version_dirs(path)
-    if versions:
-        return versions[-1][1]
-    names = sorted(child for child in path.iterdir() if version_dirs(child))
-    if len(names) == 1:
-        return version_dirs(names[0])[-1][1]
-    if names:
-        listed = ", ".join(n.name for n in names)
-        raise BundleRejected(f"{path} holds several models ({listed}); point the model dir at one")
-    raise BundleRejected(
-        f"{path}: no model bundle found (looked for {MANIFEST_FILE}, <version>/{MANIFEST_FILE}"
-        f" and <name>/<version>/{MANIFEST_FILE}); export one with `dinserve export`"
-    )
+def locate_bundle(path: Path) -> Path:
+    """bundle.resolve_bundle, its BundleError as the service's BundleRejected."""
+    try:
+        return resolve_bundle(path)
+    except BundleError as exc:
+        raise BundleRejected(str(exc)) from exc
 
 
 def bundle_signature(directory: Path) -> tuple[tuple[str, int, int], ...]:
@@ -122,7 +110,7 @@ class CTRModel:
     def __init__(
         self,
         directory: Path,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         session: ort.InferenceSession,
         space: FeatureSpace,
         intra_op_threads: int = 1,
@@ -139,7 +127,7 @@ class CTRModel:
 
     @property
     def name(self) -> str:
-        return str(self.manifest.get("name", self.directory.parent.name))
+        return self.manifest.name
 
     @property
     def version(self) -> str:
@@ -153,17 +141,19 @@ class CTRModel:
     @classmethod
     def load(cls, path: Path, settings: Settings) -> CTRModel:
         """Resolve, verify, open, self-check and warm up; BundleRejected on any failure."""
-        directory = resolve_bundle(path)
+        directory = locate_bundle(path)
         try:
             model = cls._open(directory, settings)
             model.self_check = model._run_golden()
             model.warm_up(settings.warmup_runs)
         except BundleRejected:
             raise
+        except BundleError as exc:
+            raise BundleRejected(str(exc)) from exc
         except Exception as exc:  # a bundle is data: any failure to read it is a rejection
             raise BundleRejected(f"{directory}: {type(exc).__name__}: {exc}") from exc
-        published = model.manifest.get("version")
-        if published is not None and str(published) != model.version:
+        published = model.manifest.version
+        if published != model.version:
             # A bundle copied to a new number (to republish an older model) is served under that
             # number, which reloads compare and callers see; the manifest keeps the exported one.
             logger.warning(
@@ -174,9 +164,9 @@ class CTRModel:
 
     @classmethod
     def _open(cls, directory: Path, settings: Settings) -> CTRModel:
-        manifest = _read_manifest(directory)
-        model_bytes = _verify_files(directory, manifest)
-        space = _feature_space(directory, manifest)
+        bundle = open_bundle(directory)
+        manifest = bundle.manifest
+        space = _feature_space(bundle)
         _check_manifest_contract(directory, manifest, space)
         if (
             settings.history_length is not None
@@ -188,7 +178,7 @@ class CTRModel:
             )
         try:
             session = ort.InferenceSession(
-                model_bytes,
+                bundle.model_bytes,
                 sess_options=session_options(settings),
                 providers=["CPUExecutionProvider"],
             )
@@ -244,17 +234,14 @@ class CTRModel:
         return await asyncio.get_running_loop().run_in_executor(threads, run, feeds)
 
     def _run_golden(self) -> SelfCheck:
-        golden = self.manifest.get("golden") or {}
-        cases = golden.get("cases") or []
-        tolerance = float(golden.get("tolerance", 1e-5))
-        if not cases:
-            raise BundleRejected(f"{self.directory}: manifest has no golden cases to self-check")
+        cases = self.manifest.golden.cases
+        tolerance = self.manifest.golden.tolerance
         shapes = self.space.input_shapes()
         worst = 0.0
         for i, case in enumerate(cases):
             feeds = {
                 name: np.asarray(values, dtype=np.int64).reshape(_concrete(shapes[name]))
-                for name, values in case["inputs"].items()
+                for name, values in case.inputs.items()
             }
             if set(feeds) != set(shapes):
                 raise BundleRejected(
@@ -262,7 +249,7 @@ class CTRModel:
                     f"takes {sorted(shapes)}"
                 )
             got = self.predict(feeds).astype(np.float64)
-            want = np.asarray(case[OUTPUT], dtype=np.float64)
+            want = np.asarray(case.ctr, dtype=np.float64)
             if got.shape != want.shape:
                 raise BundleRejected(
                     f"{self.directory}: golden case {i}: {got.shape[0]} scores, expected "
@@ -288,20 +275,20 @@ class CTRModel:
     def summary(self) -> dict[str, Any]:
         """What GET /model shows: identity, contract, features, training metrics, self-check."""
         m = self.manifest
-        config = m.get("config") or {}
         check = self.self_check
         return {
             "name": self.name,
             "version": self.version,
-            "manifest_version": m.get("version"),
+            "manifest_version": m.version,
+            "architecture": m.architecture,
             "path": str(self.directory),
-            "created_at": m.get("created_at"),
+            "created_at": m.created_at,
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
-            "preset": config.get("preset"),
+            "preset": m.preset,
             "max_history_length": self.space.max_history_length,
             "max_categories": self.space.max_categories,
-            "inputs": m.get("inputs"),
-            "outputs": m.get("outputs"),
+            "inputs": [spec.model_dump() for spec in m.inputs],
+            "outputs": [spec.model_dump() for spec in m.outputs],
             "features": {
                 "user": [name for name, _ in self.space.user_features],
                 "context": [name for name, _ in self.space.context_features],
@@ -310,7 +297,7 @@ class CTRModel:
                 "items": self.space.items.size,
                 "categories": self.space.categories.size,
             },
-            "metrics": m.get("metrics") or {},
+            "metrics": m.metrics,
             "self_check": None
             if check is None
             else {
@@ -318,7 +305,7 @@ class CTRModel:
                 "max_abs_diff": check.max_abs_diff,
                 "tolerance": check.tolerance,
             },
-            "onnx": m.get("onnx") or {},
+            "onnx": m.onnx.model_dump(),
         }
 
 
@@ -410,137 +397,70 @@ def session_options(settings: Settings) -> ort.SessionOptions:
 # Checks
 
 
-def _read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BundleRejected(f"{path}: unreadable manifest: {exc}") from exc
-    if not isinstance(manifest, dict):
-        raise BundleRejected(f"{path}: manifest must be a JSON object")
-    if (
-        manifest.get("format") != BUNDLE_FORMAT
-        or manifest.get("format_version") != BUNDLE_FORMAT_VERSION
-    ):
-        raise BundleRejected(
-            f"{path}: format {manifest.get('format')!r} version "
-            f"{manifest.get('format_version')!r}, expected {BUNDLE_FORMAT!r} version "
-            f"{BUNDLE_FORMAT_VERSION}"
-        )
-    return manifest
+def _feature_space(bundle: Bundle) -> FeatureSpace:
+    manifest = bundle.manifest
+    table = bundle.item_table()
+    categories = bundle.categories()
+    _check_size(bundle.directory, "items", table.items, manifest.vocabularies.items.size)
+    _check_size(
+        bundle.directory, "categories", categories, manifest.vocabularies.categories.size
+    )
+    c = manifest.max_categories
+    matrix = np.array(table.category_matrix(categories, c), dtype=np.int64)
 
-
-def _verify_files(directory: Path, manifest: dict[str, Any]) -> bytes:
-    """Check every listed file's size and sha256; returns model.onnx's verified bytes.
-
-    The session is built from these very bytes, so the file checked is the file served.
-    """
-    files = manifest.get("files")
-    if not isinstance(files, dict) or MODEL_FILE not in files:
-        raise BundleRejected(
-            f"{directory}: manifest.files must list {MODEL_FILE} and every other file"
-        )
-    model_bytes = b""
-    for name, entry in files.items():
-        path = directory / name
-        if Path(name).name != name:
-            raise BundleRejected(
-                f"{directory}: manifest lists {name!r}, which is not a plain file name"
-            )
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise BundleRejected(f"{path}: listed in the manifest but unreadable: {exc}") from exc
-        digest = hashlib.sha256(data).hexdigest()
-        size = entry.get("bytes")
-        if digest != entry.get("sha256") or (size is not None and size != len(data)):
-            raise BundleRejected(
-                f"{path}: does not match the manifest: sha256 {digest} ({len(data)} bytes), "
-                f"manifest says sha256 {entry.get('sha256')} ({size} bytes)"
-            )
-        if name == MODEL_FILE:
-            model_bytes = data
-    return model_bytes
-
-
-def _listed_file(directory: Path, manifest: dict[str, Any], name: str) -> Path:
-    if name not in manifest["files"]:
-        raise BundleRejected(f"{directory}: {name} is used but not checksummed in manifest.files")
-    return directory / name
-
-
-def _feature_space(directory: Path, manifest: dict[str, Any]) -> FeatureSpace:
-    vocabularies = manifest.get("vocabularies") or {}
-    try:
-        items_entry, categories_entry = vocabularies["items"], vocabularies["categories"]
-        max_categories = int(manifest["max_categories"])
-        max_history = int(manifest["max_history_length"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleRejected(f"{directory}: manifest lacks {exc}") from exc
-    if max_categories < 1 or max_history < 1:
-        raise BundleRejected(f"{directory}: max_categories and max_history_length must be >= 1")
-    table = ItemTable.load(_listed_file(directory, manifest, items_entry["file"]))
-    categories = Vocabulary.load(_listed_file(directory, manifest, categories_entry["file"]))
-    _check_size(directory, "items", table.items, items_entry)
-    _check_size(directory, "categories", categories, categories_entry)
-    matrix = np.array(table.category_matrix(categories, max_categories), dtype=np.int64)
-    features = manifest.get("features") or {}
-
-    def load_features(kind: str) -> tuple[tuple[str, Vocabulary], ...]:
+    def load_features(kind: str, entries: list[FeatureEntry]) -> tuple[tuple[str, Vocabulary], ...]:
         loaded = []
-        for entry in features.get(kind) or []:
-            vocab = Vocabulary.load(_listed_file(directory, manifest, entry["vocabulary"]))
-            _check_size(directory, f"{kind} feature {entry['name']}", vocab, entry)
-            loaded.append((str(entry["name"]), vocab))
+        for entry in entries:
+            vocab = bundle.feature_vocabulary(entry)
+            _check_size(bundle.directory, f"{kind} feature {entry.name}", vocab, entry.size)
+            loaded.append((entry.name, vocab))
         return tuple(loaded)
 
     return FeatureSpace(
         items=table.items,
         categories=categories,
-        item_categories=matrix.reshape(table.items.size, max_categories),
-        user_features=load_features("user"),
-        context_features=load_features("context"),
-        max_history_length=max_history,
+        item_categories=matrix.reshape(table.items.size, c),
+        user_features=load_features("user", manifest.features.user),
+        context_features=load_features("context", manifest.features.context),
+        max_history_length=manifest.max_history_length,
     )
 
 
-def _check_size(directory: Path, what: str, vocab: Vocabulary, entry: dict[str, Any]) -> None:
-    if entry.get("size") != vocab.size:
+def _check_size(directory: Path, what: str, vocab: Vocabulary, size: int) -> None:
+    if size != vocab.size:
         raise BundleRejected(
             f"{directory}: {what} vocabulary has {vocab.size} entries (lines + 2), manifest says "
-            f"{entry.get('size')}"
+            f"{size}"
         )
 
 
 def _check_manifest_contract(
-    directory: Path, manifest: dict[str, Any], space: FeatureSpace
+    directory: Path, manifest: Manifest, space: FeatureSpace
 ) -> None:
     """manifest.inputs/outputs must be exactly what features.py feeds and routes.py reads."""
     expected = space.input_shapes()
-    declared = {i.get("name"): i for i in manifest.get("inputs") or []}
+    declared = {spec.name: spec for spec in manifest.inputs}
     if set(declared) != set(expected):
         raise BundleRejected(
-            f"{directory}: manifest inputs {sorted(map(str, declared))}, the features need "
+            f"{directory}: manifest inputs {sorted(declared)}, the features need "
             f"{sorted(expected)}"
         )
     for name, shape in expected.items():
-        entry = declared[name]
-        if entry.get("dtype") != "int64" or _fixed(entry.get("shape")) != _fixed(shape):
+        spec = declared[name]
+        if spec.dtype != "int64" or _fixed(spec.shape) != _fixed(shape):
             raise BundleRejected(
-                f"{directory}: input {name} is {entry.get('dtype')} {entry.get('shape')}, "
-                f"expected int64 {shape}"
+                f"{directory}: input {name} is {spec.dtype} {spec.shape}, expected int64 {shape}"
             )
-    outputs = {o.get("name"): o for o in manifest.get("outputs") or []}
-    ctr = outputs.get(OUTPUT)
-    if ctr is None or ctr.get("dtype") != "float32" or len(ctr.get("shape") or []) != 1:
+    ctr = manifest.output(OUTPUT)
+    if ctr is None or ctr.dtype != "float32" or len(ctr.shape) != 1:
         raise BundleRejected(f"{directory}: manifest must declare output {OUTPUT} float32 [N]")
 
 
 def _check_session_contract(
-    directory: Path, manifest: dict[str, Any], session: ort.InferenceSession
+    directory: Path, manifest: Manifest, session: ort.InferenceSession
 ) -> None:
     """The real graph must take exactly the manifest's inputs, with its dtypes and ranks."""
-    declared = {i["name"]: i for i in manifest["inputs"]}
+    declared = {spec.name: spec for spec in manifest.inputs}
     actual = {i.name: i for i in session.get_inputs()}
     if set(actual) != set(declared):
         raise BundleRejected(
@@ -552,16 +472,17 @@ def _check_session_contract(
     outputs = {o.name: o for o in session.get_outputs()}
     if OUTPUT not in outputs:
         raise BundleRejected(f"{directory}/{MODEL_FILE}: graph has no output {OUTPUT!r}")
-    manifest_out = {o["name"]: o for o in manifest["outputs"]}[OUTPUT]
-    _match_arg(directory, "output", outputs[OUTPUT], manifest_out)
+    declared_output = manifest.output(OUTPUT)
+    assert declared_output is not None  # _check_manifest_contract ran first
+    _match_arg(directory, "output", outputs[OUTPUT], declared_output)
 
 
-def _match_arg(directory: Path, kind: str, arg: Any, declared: dict[str, Any]) -> None:
-    want_type = ORT_TYPES.get(str(declared.get("dtype")))
-    shape = declared.get("shape") or []
+def _match_arg(directory: Path, kind: str, arg: Any, declared: TensorSpec) -> None:
+    want_type = ORT_TYPES[declared.dtype]
+    shape = declared.shape
     problem = None
     if arg.type != want_type:
-        problem = f"type {arg.type}, manifest says {declared.get('dtype')}"
+        problem = f"type {arg.type}, manifest says {declared.dtype}"
     elif len(arg.shape) != len(shape):
         problem = f"rank {len(arg.shape)}, manifest says {len(shape)}"
     else:
@@ -576,9 +497,9 @@ def _match_arg(directory: Path, kind: str, arg: Any, declared: dict[str, Any]) -
         raise BundleRejected(f"{directory}/{MODEL_FILE}: {kind} {arg.name}: {problem}")
 
 
-def _fixed(shape: Any) -> list[int | None]:
+def _fixed(shape: Sequence[int | str]) -> list[int | None]:
     """A manifest shape with symbolic dims as None, for comparison."""
-    return [d if isinstance(d, int) else None for d in (shape or [])]
+    return [d if isinstance(d, int) else None for d in shape]
 
 
 def _concrete(shape: list[str | int]) -> tuple[int, ...]:

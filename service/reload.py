@@ -26,7 +26,7 @@ import anyio.to_thread
 from service.config import Settings
 from service.errors import BundleRejected
 from service.metrics import Metrics
-from service.model import CTRModel, bundle_signature, resolve_bundle
+from service.model import CTRModel, bundle_signature, locate_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ModelHolder:
         async with self._lock:  # one load at a time; a second caller waits and sees the result
             current = self.model
             try:
-                target = resolve_bundle(self.settings.model_dir)
+                target = locate_bundle(self.settings.model_dir)
             except BundleRejected as exc:
                 self._reject_once(str(exc))
                 raise

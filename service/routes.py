@@ -17,8 +17,7 @@ import orjson
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from model_export.bundle_format import CANDIDATE_ITEMS, HISTORY_ITEMS
-from model_export.vocab import OOV_INDEX
+from service.bundle import CANDIDATE_ITEMS, HISTORY_ITEMS
 from service.config import Settings
 from service.errors import (
     HistoryUnavailable,
@@ -31,6 +30,7 @@ from service.history import EMPTY, HistoryStore
 from service.metrics import CONTENT_TYPE, Metrics
 from service.reload import ModelHolder
 from service.schemas import ScoreRequest, ScoreResponse, parse_score_request
+from service.vocab import OOV_INDEX
 
 router = APIRouter()
 

@@ -138,7 +138,7 @@ def build_tiny_checkpoint(seed: int = 0, features: bool = True, **overrides: Any
 
     from model_export.checkpoint import Checkpoint
     from model_export.din import DIN, Dice, SparseFeature, preset_config
-    from model_export.vocab import ItemTable, Vocabulary
+    from service.vocab import ItemTable, Vocabulary
 
     rng = random.Random(seed)
     items = Vocabulary([f"tt{100000 + 37 * i:07d}" for i in range(60)])

@@ -100,6 +100,7 @@ class ServiceProcess:
     """`python -m service` on a free loopback port: a real uvicorn over real HTTP."""
 
     def __init__(self, model_dir: Path, redis_url: str, log_path: Path, **env: str) -> None:
+        self.cwd = ROOT  # where the interpreter starts, so where `-m service` is found
         self.port = processes.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -111,7 +112,8 @@ class ServiceProcess:
 
     def start(self, timeout: float = 60.0) -> ServiceProcess:
         log = self.log_path.open("ab")
-        self.process = processes.spawn(self.argv, env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        self.process = processes.spawn(self.argv, env=self.env, cwd=self.cwd, stdout=log,
+                                       stderr=log)
         log.close()
         outcome = processes.wait_until_answering(self.process, f"{self.url}/healthz", timeout)
         if outcome == "ready":

@@ -17,13 +17,13 @@ from service_helpers import ServiceProcess
 
 from bench.ceiling import graph_feeds, load_model, measure_ceiling
 from dinserve.cli import main as cli_main
-from model_export.bundle_format import (
+from service.bundle import (
     CANDIDATE_CATEGORIES,
     CANDIDATE_ITEMS,
     HISTORY_CATEGORIES,
     HISTORY_ITEMS,
 )
-from model_export.vocab import FIRST_TOKEN_INDEX
+from service.vocab import FIRST_TOKEN_INDEX
 
 
 def test_feeds_are_known_items_with_the_bundles_own_categories(plain_bundle: Path) -> None:

@@ -16,8 +16,8 @@ import onnx
 import pytest
 
 from model_export import chunked
-from model_export.bundle_format import CHUNK_INPUT, OUTPUT
 from model_export.export import export_onnx, make_case, reference_scores, session
+from service.bundle import CHUNK_INPUT, OUTPUT
 
 
 def _run(path: Path, feeds: dict[str, Any]) -> Any:

@@ -11,16 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_export.data import (
-    Dataset,
-    InteractionLog,
-    SampleOptions,
-    Split,
-    build_dataset,
-    detect_format,
-    read_log,
-)
-from model_export.vocab import FIRST_TOKEN_INDEX, OOV_INDEX, PADDING_INDEX
+from model_export.data import Dataset, SampleOptions, Split, build_dataset
+from service.interaction_log import InteractionLog, detect_format, read_log
+from service.vocab import FIRST_TOKEN_INDEX, OOV_INDEX, PADDING_INDEX
 
 MOVIELENS = Path(__file__).resolve().parents[1] / "data" / "ml-latest-small"
 

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from dinserve.cli import main
-from model_export.bundle_format import MANIFEST_FILE
 from model_export.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from model_export.din import DIN, Dice
 from model_export.export import (
@@ -39,6 +38,7 @@ from model_export.export import (
     tile,
 )
 from model_export.serving import ServingDIN
+from service.bundle import MANIFEST_FILE
 
 TOLERANCE = 1e-5
 
@@ -234,7 +234,8 @@ def test_manifest_follows_the_bundle_contract(
 ) -> None:
     m = manifest_of(tiny_bundle)
     config = tiny_checkpoint.config
-    assert m["format"] == "dinserve-bundle" and m["format_version"] == 1
+    assert m["format"] == "dinserve-bundle" and m["format_version"] == 2
+    assert m["architecture"] == "din"
     assert m["name"] == "din-paper" == tiny_bundle.parent.name
     assert m["version"] == "1" == tiny_bundle.name
     created = datetime.datetime.strptime(m["created_at"], "%Y-%m-%dT%H:%M:%SZ")

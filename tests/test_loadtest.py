@@ -43,7 +43,7 @@ from bench.loadtest import LoadSettings, measure
 from bench.machinecpu import CpuWindow, window
 from bench.servermetrics import parse_exposition, phase_summary
 from dinserve.cli import main as cli_main
-from model_export.bundle_format import MANIFEST_FILE
+from service.bundle import MANIFEST_FILE
 from service.heap import frozen_heap
 from service.history import keys
 from service.metrics import Metrics

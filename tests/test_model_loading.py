@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from model_export.bundle_format import CHUNK_INPUT
+from service.bundle import CHUNK_INPUT, read_manifest
 from service.config import Settings, cgroup_cpu_quota, usable_cores
 from service.errors import BundleRejected, InferenceFailed
 from service.features import FeatureSpace
 from service.model import (
     CTRModel,
     inference_pool,
-    resolve_bundle,
+    locate_bundle,
     session_options,
 )
 
@@ -205,9 +205,9 @@ def test_latest_integer_version_wins_from_name_dir_or_models_root(
         copy_bundle(tiny_bundle, name_dir / version)
     (name_dir / "11").mkdir()  # no manifest yet: an export in progress, not a bundle
     copy_bundle(tiny_bundle, name_dir / "latest")  # not an integer: never a version
-    assert resolve_bundle(name_dir) == name_dir / "10"  # numeric, not lexicographic
-    assert resolve_bundle(tmp_path / "models") == name_dir / "10"
-    assert resolve_bundle(name_dir / "2") == name_dir / "2"
+    assert locate_bundle(name_dir) == name_dir / "10"  # numeric, not lexicographic
+    assert locate_bundle(tmp_path / "models") == name_dir / "10"
+    assert locate_bundle(name_dir / "2") == name_dir / "2"
     assert CTRModel.load(tmp_path / "models", SETTINGS).version == "10"
 
 
@@ -232,12 +232,12 @@ def test_ambiguous_or_missing_model_dirs_are_refused(tiny_bundle: Path, tmp_path
     for name in ("a", "b"):
         copy_bundle(tiny_bundle, tmp_path / "models" / name / "1")
     with pytest.raises(BundleRejected, match="several models"):
-        resolve_bundle(tmp_path / "models")
+        locate_bundle(tmp_path / "models")
     with pytest.raises(BundleRejected, match="no such directory"):
-        resolve_bundle(tmp_path / "absent")
+        locate_bundle(tmp_path / "absent")
     (tmp_path / "empty").mkdir()
     with pytest.raises(BundleRejected, match="no model bundle found"):
-        resolve_bundle(tmp_path / "empty")
+        locate_bundle(tmp_path / "empty")
 
 
 def test_a_tampered_file_fails_its_checksum(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -373,3 +373,51 @@ def test_onnxruntime_errors_become_inference_failed(tiny_bundle: Path) -> None:
         model.predict(feeds)
     feeds["context_features"] = np.zeros(1, dtype=np.int64)
     assert model.predict(feeds).shape == (2,)
+
+
+# ----------------------------------------------------------------------------------------------
+# Format versions (service/bundle.py)
+
+
+def as_format_1(manifest: dict[str, Any]) -> None:
+    """What the exporter wrote before format 2: no architecture key."""
+    manifest["format_version"] = 1
+    del manifest["architecture"]
+
+
+def test_a_format_1_bundle_still_loads_as_a_din(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "m" / "1")
+    edit_manifest(bundle, as_format_1)
+    model = CTRModel.load(bundle, SETTINGS)
+    assert model.manifest.format_version == 1
+    assert model.summary()["architecture"] == "din"
+    assert model.self_check is not None and model.self_check.cases >= 2
+
+
+def test_the_exporter_writes_format_2_with_the_architecture(tiny_bundle: Path) -> None:
+    raw = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert (raw["format_version"], raw["architecture"]) == (2, "din")
+    assert read_manifest(tiny_bundle).model_dump(mode="json") == raw  # one writer, one reader
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda m: m.update(format_version=3), "format_version 3; this release reads versions "
+                                                "1, 2; upgrade dinserve"),
+        (lambda m: m.update(format_version="2"), "format_version '2'"),
+        (lambda m: m.update(format="onnx-bundle"), "not a dinserve bundle"),
+        (lambda m: m.update(architecture="dien-v9"), "architecture 'dien-v9'; this release serves"),
+        (lambda m: m.update(architecture="din", format_version=1), "format_version 1 has no"),
+        (lambda m: m.pop("max_history_length"), "max_history_length: Field required"),
+        (lambda m: m["inputs"][0].update(dtype="int8"), "inputs.0.dtype"),
+    ],
+    ids=["newer", "string", "foreign", "architecture", "v1-with-architecture", "missing",
+         "dtype"],
+)
+def test_a_manifest_this_release_cannot_read_is_refused_with_the_reason(
+    tiny_bundle: Path, tmp_path: Path, edit: Callable[[dict[str, Any]], None], expected: str
+) -> None:
+    bundle = copy_bundle(tiny_bundle, tmp_path / "m" / "1")
+    edit_manifest(bundle, edit)
+    assert expected in rejected(bundle)

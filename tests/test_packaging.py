@@ -141,6 +141,14 @@ def test_service_image_has_no_torch(stages: list[Stage]) -> None:
                 assert "[" not in rest, f"stage {stage.name} installs an extra: {rest}"
 
 
+def test_service_image_has_no_offline_code(stages: list[Stage]) -> None:
+    for stage in stage_chain(stages, SERVICE_STAGE):
+        for keyword, rest in stage.instructions:
+            assert "model_export" not in rest, f"stage {stage.name}: {keyword} {rest}"
+    model = {s.name: s for s in stages}[MODEL_STAGE]
+    assert any("model_export" in rest for rest in model.args("COPY"))
+
+
 def test_runtime_dependencies_exclude_torch() -> None:
     """The service image installs the project without extras: its runtime set must hold no torch."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

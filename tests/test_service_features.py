@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from model_export.vocab import ItemTable, Vocabulary
 from service.config import Settings
 from service.features import FeatureSpace, build_inputs, raw_index
 from service.history import History
 from service.model import CTRModel
 from service.schemas import ScoreRequest
+from service.vocab import ItemTable, Vocabulary
 
 # items: "10" -> 2, "20" -> 3, "abc" -> 4, "007" -> 5; categories: A -> 2, B -> 3, C -> 4
 ITEMS = ItemTable(Vocabulary(["10", "20", "abc", "007"]), [["A", "B"], [], ["C"], ["B"]])

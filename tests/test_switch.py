@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import pytest
 
-from model_export.bundle_format import MANIFEST_FILE
 from model_export.export import (
     export_onnx,
     make_case,
@@ -23,6 +22,7 @@ from model_export.export import (
     switch_plan,
 )
 from model_export.switch import SMALL_CANDIDATES, switch_on_candidates, taken_branch
+from service.bundle import MANIFEST_FILE
 
 
 def test_auto_export_is_switched_between_product_and_the_large_strategy(

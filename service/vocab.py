@@ -1,7 +1,8 @@
 """Vocabularies: raw string ids <-> embedding indices, and their on-disk TSV form.
 
 Index 0 is padding, 1 is out-of-vocabulary, real tokens start at 2 (docs/bundle.md). The same files
-travel from the training run into the bundle unchanged. Torch-free: the history loader uses it too.
+travel from the training run into the bundle unchanged: the trainer writes them, the exporter
+copies them, the service parses them from the bundle's checksummed bytes (service/bundle.py).
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: Path) -> Vocabulary:
-        text = path.read_text(encoding="utf-8")
+        return cls.parse(path.read_text(encoding="utf-8"))
+
+    @classmethod
+    def parse(cls, text: str) -> Vocabulary:
+        """A vocabulary file's content: one token per line."""
         return cls([line for line in text.split("\n") if line != ""])
 
 
@@ -80,9 +85,14 @@ class ItemTable:
 
     @classmethod
     def load(cls, path: Path) -> ItemTable:
+        return cls.parse(path.read_text(encoding="utf-8"))
+
+    @classmethod
+    def parse(cls, text: str) -> ItemTable:
+        """items.tsv's content: `<item>\t<cat>|<cat>` per line."""
         items: list[str] = []
         categories: list[list[str]] = []
-        for line in path.read_text(encoding="utf-8").split("\n"):
+        for line in text.split("\n"):
             if line == "":
                 continue
             item, _, cats = line.partition("\t")
