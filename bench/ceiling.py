@@ -1,12 +1,12 @@
 """`dinserve ceiling`: how many calls per second a bundle's serving graph sustains on this machine.
 
-Issue 5 measures the service against "the graph's own ceiling": the same bundle's graph, loaded
+The service is measured against "the graph's own ceiling": the same bundle's graph, loaded
 as the service loads it (service.model.CTRModel: the same session options from the same CTR_*
 settings, the chunk feed, the self-check, the warm-up), called back to back by 1..K threads with
 one request shape and nothing else to do. With K = the service's inference threads it is what the
 service would serve if HTTP, Redis and the features cost nothing. `dinserve loadtest
 --graph-ceiling` measures it right before and after its load and reports the share, because on a
-shared VM the ceiling itself drifts by 10 % within minutes (docs/performance-log.md).
+shared VM the ceiling itself drifts by 10 % within minutes (docs/performance.md).
 
 The feeds are random known items with the bundle's own categories, what features.py builds for
 known ids; a graph call's cost does not depend on the values. Torch-free, like the service.

@@ -1,6 +1,6 @@
 """`dinserve compare`: endpoints side by side, one request at a time, the same bodies to each.
 
-Issue 5's small-request line compares POST /score with a no-op endpoint that parses the same
+The small-request measurement compares POST /score with a no-op endpoint that parses the same
 payload (/bench/noop, CTR_BENCH_ENDPOINTS=true), measured in the same run. Open-loop load would
 measure queueing as much as the endpoints, so this is a closed loop: each round sends one body to
 every URL, one request at a time, in an order that rotates from round to round (no URL always

@@ -76,7 +76,7 @@ class Workload:
     sizes: dict[str, Any]
     candidates: int
     history: int
-    target_ratio: float  # serving graph vs naive graph, issue 5's acceptance
+    target_ratio: float  # naive graph time / serving graph time this workload must reach
 
 
 WORKLOADS = {

@@ -8,7 +8,7 @@ the results to bench/loadreport.py. Two modes:
 - --find-saturation: phases of --step-duration at geometrically rising rates until a step fails
   (throughput below --track-ratio x offered, p99 above --p99-limit-ms, or an error rate above
   --max-error-rate), a few bisection steps between the last pass and the first failure, then
-  one phase at each --fractions of the saturation throughput (issue 5's p50/p99 at 25/50/75%).
+  one phase at each --fractions of the saturation throughput (p50/p99 at 25/50/75% by default).
 
 Saturation throughput is the highest 2xx rate any step achieved: once the server is the
 bottleneck, the open-loop client keeps offering more and the server's real capacity is what

@@ -322,7 +322,7 @@ def _add_compare(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
             "rotates between rounds), one request at a time, and records each latency; the "
             "first --warmup-rounds are not recorded. Prints p50/p90/p99/mean per URL and each "
             "p50 as a multiple of the last URL's (the reference); --out writes them as JSON. "
-            "Issue 5's small-request line: /score against /bench/noop (CTR_BENCH_ENDPOINTS=true) "
+            "The small-request measurement: /score against /bench/noop (CTR_BENCH_ENDPOINTS=true) "
             "at 10 candidates, history 50 (docs/performance.md). Exit 1 when a URL never "
             "answered 2xx."
         ),

@@ -4,9 +4,9 @@ onnxruntime runs a graph one operator at a time over whole tensors. At W1 the pa
 the attention unit are L × H × N = 100 × 80 × 200 floats (6.4 MB): the GEMM writes them to
 memory and every element-wise pass of Dice and every 1x1 convolution reads them back from there.
 Scanning over a few behaviours at a time keeps one chunk's tensors (at most CHUNK_FLOATS floats,
-256 KB) in the core's cache from the key-side operand to the scores. Measured in whole serving
-graphs (one thread, interleaved; 2-core Intel Xeon, 2026-11-28): 0.65 of the unchunked channel
-graph's time at W1, 0.57 at W2; docs/performance.md has the chunk-size sweep.
+256 KB) in the core's cache from the key-side operand to the scores: whole serving graphs took
+0.65 of the unchunked channel graph's time at W1 and 0.57 at W2 (one thread, interleaved, as
+`dinserve bench` times them); docs/performance.md has the chunk-size sweep.
 
 serving.ServingAttention marks the block in the traced graph with one
 dinserve::ChannelPairScores(keys, key_bias, query_t) node (serving.PairScores). chunk_pair_scores

@@ -77,7 +77,7 @@ DEFAULT_TOLERANCE = 1e-5
 HISTORY_INPUTS = (HISTORY_ITEMS, HISTORY_CATEGORIES)
 CANDIDATE_INPUTS = (CANDIDATE_ITEMS, CANDIDATE_CATEGORIES)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-# The largest candidate list the parity check runs (issue 2: "N = 1 and N = 500").
+# The largest candidate list the parity check runs: W2's 500, the largest reference workload.
 PARITY_MAX_CANDIDATES = 500
 
 Int64Array = NDArray[np.int64]

@@ -181,9 +181,8 @@ class ServingAttention(nn.Module):
       following layer; otherwise "operand" is used.
     - "product": materialises q ⊙ k as (N·L, E) and multiplies it by W4ᵀ: no per-request
       operand, the cheapest at small N (the switched export's small branch).
-    - "auto": "channel". Measured by `dinserve bench` (1 intra-op thread, 2-core Intel Xeon,
-      2026-11-28): at W1 "channel" took 0.74 of "operand"'s time, at W2 0.61 of "dual"'s; with 2
-      intra-op threads per call it lost 0-12% to them (docs/performance-log.md).
+    - "auto": "channel". With one intra-op thread it took 0.74 of "operand"'s time at W1 and
+      0.61 of "dual"'s at W2; with 2 threads per call it lost 0-12% to them (`dinserve bench`).
     """
 
     query_weight: torch.Tensor

@@ -4,22 +4,13 @@ The serving graph's first attention layer has strategies with different cost sha
 (serving.ServingAttention). "channel" scans the history in chunks, building each chunk's part of
 a key-side operand and doing its pairs in one GEMM (chunked.py): the best at large N, but at
 small N its fixed costs (the Scan, the operand) outweigh the pairs. "product" has no per-request
-operand and costs per pair a little more. Measured on 2026-11-28 (random models as
-bench/graph.py builds them, 1 thread, L = max, the two variants interleaved call by call; the
-2-core Intel Xeon of docs/performance-log.md), product vs channel, ms:
-
-    W1 (E = 128, L = 100)  N = 16: 1.40 vs 3.15; N = 32: 2.61 vs 3.55; N = 48: 4.31 vs 4.79;
-                           N = 64: 3.75 vs 3.70; N = 100: 8.25 vs 7.40
-    W2 (E = 16, L = 50)    N = 16: 0.27 vs 0.42; N = 32: 0.79 vs 1.03; N = 48: 0.67 vs 0.76;
-                           N = 64: 1.45 vs 1.50; N = 100: 2.27 vs 1.68
-
-and on the trained MovieLens model (E = 64, L = 100): N = 32: 2.36 vs 2.67; N = 48: 3.70 vs
-3.60; N = 64: 4.57 vs 4.26; N = 100: 7.39 vs 5.83. So an exported serving graph holds both,
-behind an ONNX If on N at SMALL_CANDIDATES, between the crossovers (48-64). Both branches read
-the graph inputs from the outer scope and end in the same output; the parity check and the
-manifest's golden cases run candidate lists on both sides of the threshold. The If itself costs
-nothing measurable (an onnxruntime profile at 200 x 100: 22.42 ms per run with it, 22.43
-without; 10 x 50: 0.309 against 0.302 ms).
+operand and costs per pair a little more. Timed interleaved, one thread: "product" took 0.44 of
+"channel"'s time at 16 candidates and "channel" 0.90 of "product"'s at 100 (W1); the crossovers
+fall at 48-64 candidates for W1, a little lower on the trained MovieLens model, a little higher
+for W2. So an exported serving graph holds both, behind an ONNX If on N at SMALL_CANDIDATES.
+Both branches read the graph inputs from the outer scope and end in the same output; the parity
+check and the manifest's golden cases run candidate lists on both sides of the threshold. The If
+itself costs under 1 % of a W1 call; `dinserve bench` reports it (serving_channel / serving).
 """
 
 from __future__ import annotations

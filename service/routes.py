@@ -131,7 +131,7 @@ _SCORE_DOC: dict[str, Any] = {
 async def score(request: Request) -> Response:
     """Score N candidates for one user against the user's Redis history; scores in request order."""
     # The lifespan state is read here rather than through Depends(): FastAPI's dependency solving
-    # took ~9% of the event loop's time per /score under load (docs/performance-log.md).
+    # took ~9% of the event loop's samples at capacity (a py-spy profile).
     state = request.state
     settings: Settings = state.settings
     holder: ModelHolder = state.holder
@@ -216,7 +216,7 @@ async def read_score_request(request: Request, settings: Settings) -> ScoreReque
 async def bench_noop(request: Request) -> Response:
     """/score without Redis or inference: same parsing and limits, same-shaped answer (zeros).
 
-    The reference for issue 5's small-request line (docs/performance.md): what a request costs
+    The reference for the small-request measurement (docs/performance.md): what a request costs
     the service when only HTTP, validation and the JSON answer remain. Off unless
     CTR_BENCH_ENDPOINTS=true. Reads the state the way /score does, so that the two differ only
     by what /score does beyond parsing.

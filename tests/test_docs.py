@@ -77,10 +77,10 @@ def heading_anchors(text: str) -> set[str]:
 
 def test_heading_anchors_follow_githubs_rule() -> None:
     text = "\n".join([
-        "# Issue 5's lines", "```", "# not a heading", "```", "## Overload: `LIFO`",
+        "# The graph's lines", "```", "# not a heading", "```", "## Overload: `LIFO`",
         "### Commands", "### Commands",
     ])
-    assert heading_anchors(text) == {"issue-5s-lines", "overload-lifo", "commands", "commands-1"}
+    assert heading_anchors(text) == {"the-graphs-lines", "overload-lifo", "commands", "commands-1"}
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)

@@ -11,7 +11,7 @@ Asserted for every fault, in the default degrade mode: every request answered 20
 timeout, no dropped connection), the fault was real (some answers degraded), the process is
 alive, p99 during the fault stays under the Redis deadline plus MARGIN_MS, and recovery comes
 within RECOVERY_S. MARGIN_MS and RECOVERY_S are generous on purpose (2 shared cores in CI); the
-real figures are printed (pytest -s) and recorded in docs/reliability.md.
+real figures are printed (pytest -s) and summarised in docs/reliability.md.
 """
 
 from __future__ import annotations

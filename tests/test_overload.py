@@ -425,7 +425,7 @@ def test_a_deadline_that_fires_as_the_answer_starts_is_a_504_not_a_500() -> None
     """The deadline's cancellation is swallowed inside the app (a library that catches it, or a
     result that lands in the same loop turn as the deadline), so the app starts its answer with
     the deadline already expiring. That answer must become the 504, not a 500 ("Cannot change
-    state of expiring Timeout", seen under overload: docs/performance-log.md)."""
+    state of expiring Timeout", seen at 200 W1 requests/s, 16 in flight, 100 ms deadlines)."""
 
     async def swallowing(scope: Any, receive: Any, send: Any) -> None:
         try:

@@ -1,6 +1,6 @@
 """POST /bench/noop: off by default; when on, /score's parsing and limits without Redis or a model.
 
-The endpoint is the reference of issue 5's small-request measurement (docs/performance.md), so it
+The endpoint is the reference of the small-request measurement (docs/performance.md), so it
 must refuse exactly what /score refuses and accept what /score accepts.
 """
 
