@@ -43,14 +43,44 @@ MIN_EVENTS_TO_SPLIT = 3  # fewer events: the user's events all go to train
 # Samples
 
 
+PROTOCOLS = ("auto", "explicit", "implicit")
+SAMPLERS = ("uniform", "popularity")
+
+
 @dataclass(frozen=True)
 class SampleOptions:
+    """How a log becomes samples.
+
+    protocol: "explicit" takes labels from the label column, else rating >= label_threshold (the
+    DIN paper's MovieLens protocol); "implicit" makes every behaviour a positive and samples
+    `negatives` items per positive (the DIN authors' code on Amazon: the next real behaviour
+    against a sampled item, history before it), ignoring any rating or label column; "auto" is
+    explicit when the log has a label or rating column, else implicit.
+    negative_sampler: "uniform" draws among the distinct items of the positive's own split,
+    "popularity" in proportion to how often each item occurs there (harder negatives, closer to
+    what a ranking stage sees). Both exclude the user's own items and are fixed by `seed`.
+    history_behaviors / positive_behaviors: with a behaviour-type column, the types that enter
+    histories and (implicit protocol) the types that are positives; None means every type.
+    """
+
     max_history_length: int = 50
     max_categories: int = DEFAULT_MAX_CATEGORIES
     label_threshold: float = 4.0
     negatives: int = 1
     min_count: int = 1
     seed: int = 2018
+    protocol: str = "auto"
+    negative_sampler: str = "uniform"
+    history_behaviors: tuple[str, ...] | None = None
+    positive_behaviors: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {self.protocol!r}: choose from {list(PROTOCOLS)}")
+        if self.negative_sampler not in SAMPLERS:
+            raise ValueError(
+                f"negative sampler {self.negative_sampler!r}: choose from {list(SAMPLERS)}"
+            )
 
 
 @dataclass
@@ -138,36 +168,41 @@ def build_dataset(log: InteractionLog, options: SampleOptions = SampleOptions())
     user_matrix = _feature_matrix(log.user_columns, user_vocabs, n)
     context_matrix = _feature_matrix(log.context_columns, context_vocabs, n)
 
+    implicit = _protocol(log, options) == "implicit"
     history_rows = _history_rows(
-        user_codes, log.timestamps, log.behaviour_mask(), options.max_history_length
+        user_codes,
+        log.timestamps,
+        log.behaviour_mask(options.history_behaviors, use_labels=not implicit),
+        options.max_history_length,
     )
 
-    # Targets: one sample per event, plus sampled negatives for implicit logs.
+    # Targets: one sample per event (explicit), or per positive plus its sampled negatives.
     targets = np.arange(n, dtype=np.int64)
     candidates = event_items
-    if log.kind == "label":
-        assert log.labels is not None
+    if not implicit and log.labels is not None:
         labels = log.labels.astype(np.float32)
         label_rule = "label column (1 = positive)"
-    elif log.kind == "rating":
+    elif not implicit:
         assert log.ratings is not None
         labels = (log.ratings >= options.label_threshold).astype(np.float32)
         label_rule = f"rating >= {options.label_threshold:g}"
     else:
-        if options.negatives < 1:
-            raise ValueError(
-                f"{log.source}: no rating or label column, so negatives must be sampled; "
-                "--negatives must be >= 1"
-            )
-        negative_codes = _sample_negatives(user_codes, item_codes, len(item_names), options)
+        if options.positive_behaviors is not None:
+            targets = np.flatnonzero(log.type_mask(options.positive_behaviors))
+        negative_codes = _sample_negatives(user_codes, item_codes, split, targets, options)
+        positives = len(targets)
+        candidates = np.concatenate([event_items[targets], item_index_of_code[negative_codes]])
         targets = np.concatenate([targets, np.repeat(targets, options.negatives)])
-        candidates = np.concatenate([event_items, item_index_of_code[negative_codes]])
-        labels = np.concatenate(
-            [np.ones(n, dtype=np.float32), np.zeros(n * options.negatives, dtype=np.float32)]
-        )
+        labels = np.concatenate([
+            np.ones(positives, dtype=np.float32),
+            np.zeros(positives * options.negatives, dtype=np.float32),
+        ])
+        which = ("every event" if options.positive_behaviors is None
+                 else f"every {'/'.join(options.positive_behaviors)} event")
         label_rule = (
-            f"implicit: every event positive, {options.negatives} sampled negative(s) per "
-            f"positive (uniform over items the user never interacted with, seed {options.seed})"
+            f"implicit: {which} positive, {options.negatives} sampled negative(s) per positive "
+            f"({options.negative_sampler} over the items of the positive's split that the user "
+            f"never interacted with, seed {options.seed})"
         )
 
     def make(part: int) -> Split:
@@ -251,25 +286,84 @@ def _history_rows(
     return np.where(valid, rows[np.clip(positions, 0, len(rows) - 1)], -1)
 
 
+def _protocol(log: InteractionLog, options: SampleOptions) -> str:
+    """The protocol options.protocol resolves to for this log; ValueError when it cannot apply."""
+    protocol = options.protocol
+    if protocol == "auto":
+        protocol = "implicit" if log.kind == "implicit" else "explicit"
+    if protocol == "explicit" and log.kind == "implicit":
+        raise ValueError(
+            f"{log.source}: no rating or label column for the explicit protocol; use "
+            "--protocol implicit (sampled negatives)"
+        )
+    if protocol == "explicit" and options.positive_behaviors is not None:
+        raise ValueError("positive behaviour types apply to --protocol implicit only")
+    if protocol == "implicit" and options.negatives < 1:
+        raise ValueError(
+            f"{log.source}: the implicit protocol samples negatives; --negatives must be >= 1"
+        )
+    return protocol
+
+
+# Rounds of redrawing the negatives that hit one of the user's own items, before falling back to
+# the whole catalogue: only a split whose items are nearly all the user's own needs more.
+REDRAW_ROUNDS = 50
+
+
 def _sample_negatives(
-    user_codes: NDArray[np.int64], item_codes: NDArray[np.int64], n_items: int,
+    user_codes: NDArray[np.int64],
+    item_codes: NDArray[np.int64],
+    split: NDArray[np.int8],
+    positives: NDArray[np.int64],
     options: SampleOptions,
 ) -> NDArray[np.int64]:
-    """options.negatives item codes per event, uniform over items its user never interacted with."""
+    """options.negatives item codes per positive event, drawn from the positive's own split.
+
+    Drawing from the items of the same split keeps "out of vocabulary" free of label information:
+    a training negative is a training item, known like every training positive, and a test
+    negative is a test item, unknown exactly as often as test positives are. Drawing from the whole
+    log instead made unknown items mostly negatives in training and mostly positives in test, on a
+    sparse catalogue (most items seen once), and pushed test AUC below 0.5.
+    """
     rng = np.random.default_rng(options.seed)
+    n_items = int(item_codes.max()) + 1
     seen = np.unique(user_codes * n_items + item_codes)  # (user, item) pairs, sorted
-    owners = np.repeat(user_codes, options.negatives)
-    per_user = np.bincount(seen // n_items, minlength=int(user_codes.max()) + 1)
-    if np.any(per_user[owners] >= n_items):
-        raise ValueError("a user interacted with every item: no negative can be sampled for them")
-    drawn = rng.integers(0, n_items, size=len(owners))
-    # Rejection sampling: redraw the collisions until none are left. Each round keeps a draw with
-    # probability 1 - seen/n_items, so a few rounds suffice on any realistic catalogue.
-    while True:
+    rows = np.repeat(positives, options.negatives)
+    drawn = np.empty(len(rows), dtype=np.int64)
+    for part in (0, 1, 2):
+        at = np.flatnonzero(split[rows] == part)
+        if len(at) == 0:
+            continue
+        pool = item_codes[positives[split[positives] == part]]
+        if options.negative_sampler == "uniform":
+            pool = np.unique(pool)
+        drawn[at] = _draw_unseen(rng, pool, user_codes[rows[at]], seen, n_items)
+    return drawn
+
+
+def _draw_unseen(
+    rng: np.random.Generator,
+    pool: NDArray[np.int64],
+    owners: NDArray[np.int64],
+    seen: NDArray[np.int64],
+    n_items: int,
+) -> NDArray[np.int64]:
+    """One item of pool per owner that the owner never interacted with (rejection sampling)."""
+    drawn = pool[rng.integers(0, len(pool), size=len(owners))]
+    for _ in range(REDRAW_ROUNDS):
         hit = _contains(seen, owners * n_items + drawn)
         if not hit.any():
             return drawn
+        drawn[hit] = pool[rng.integers(0, len(pool), size=int(hit.sum()))]
+    # The pool is (nearly) all the owner's own items: draw the rest from the whole catalogue.
+    hit = _contains(seen, owners * n_items + drawn)
+    per_user = np.bincount(seen // n_items, minlength=int(owners.max()) + 1)
+    if np.any(per_user[owners[hit]] >= n_items):
+        raise ValueError("a user interacted with every item: no negative can be sampled for them")
+    while hit.any():
         drawn[hit] = rng.integers(0, n_items, size=int(hit.sum()))
+        hit = _contains(seen, owners * n_items + drawn)
+    return drawn
 
 
 def _contains(sorted_values: NDArray[np.int64], queries: NDArray[np.int64]) -> NDArray[np.bool_]:

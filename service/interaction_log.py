@@ -3,12 +3,15 @@
 Two input formats share one in-memory form, InteractionLog:
 - a MovieLens folder (ratings.csv `userId,movieId,rating,timestamp` + movies.csv genres `A|B`);
 - a generic log, CSV or Parquet, with columns `user_id,item_id,timestamp`, optional `category`
-  (multi-valued `A|B`), optional `rating` or `label` (0/1), and any extra columns named as user
-  profile or request context features.
+  (multi-valued `A|B`), optional `rating` or `label` (0/1), optional behaviour type (a column
+  named by `behavior_column`, e.g. pv/cart/fav/buy), and any extra columns named as user profile
+  or request context features. Columns the reader was not asked to use are listed in
+  InteractionLog.ignored_columns, so that a caller can say so.
 
 Behaviours (the events a history is made of) are every rated event for rating logs (a rating
 means the user watched the movie), label-1 events for labelled logs (a shown-but-not-clicked
-impression is not a behaviour), and every event for implicit logs. InteractionLog.histories()
+impression is not a behaviour), and every event for implicit logs; with a behaviour-type column,
+only the events of the chosen types. InteractionLog.histories()
 groups them per user, newest first: what `dinserve history load` writes to Redis, and the same
 behaviours training builds its samples from.
 
@@ -30,6 +33,7 @@ from numpy.typing import NDArray
 
 FORMATS: tuple[str, ...] = ("auto", "movielens", "csv", "parquet")
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
+KNOWN_COLUMNS = (*REQUIRED_COLUMNS, "category", "rating", "label")
 CATEGORY_SEPARATOR = "|"
 MOVIELENS_NO_GENRE = "(no genres listed)"
 
@@ -64,6 +68,8 @@ class InteractionLog:
     labels: NDArray[np.float32] | None = None
     user_columns: dict[str, list[str]] = field(default_factory=dict)
     context_columns: dict[str, list[str]] = field(default_factory=dict)
+    behaviors: list[str] | None = None  # each event's behaviour type, when the log has them
+    ignored_columns: tuple[str, ...] = ()  # columns of the file that nothing reads
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -74,11 +80,37 @@ class InteractionLog:
             return "label"
         return "rating" if self.ratings is not None else "implicit"
 
-    def behaviour_mask(self) -> NDArray[np.bool_]:
-        """Events that count as behaviours (history entries); see the module docstring."""
-        if self.labels is not None:
-            return self.labels > 0.5
-        return np.ones(len(self), dtype=bool)
+    def behaviour_mask(
+        self, types: Sequence[str] | None = None, use_labels: bool = True
+    ) -> NDArray[np.bool_]:
+        """Events that count as behaviours (history entries); see the module docstring.
+
+        types: the behaviour types that enter a history (None: every type). use_labels=False
+        ignores the label column, as the implicit protocol does (every event is a behaviour).
+        """
+        mask = np.ones(len(self), dtype=bool)
+        if use_labels and self.labels is not None:
+            mask &= self.labels > 0.5
+        if types is not None:
+            mask &= self.type_mask(types)
+        return mask
+
+    def type_mask(self, types: Sequence[str]) -> NDArray[np.bool_]:
+        """Events whose behaviour type is one of types; ValueError for a log without types."""
+        if self.behaviors is None:
+            raise ValueError(
+                f"{self.source}: behaviour types were chosen but the log has no behaviour-type "
+                "column (name it with --behavior-column)"
+            )
+        known = set(self.behaviors)
+        unknown = sorted(set(types) - known)
+        if unknown:
+            raise ValueError(
+                f"{self.source}: behaviour type(s) {unknown} do not occur in the log "
+                f"(it has {sorted(known)})"
+            )
+        wanted = set(types)
+        return np.fromiter((b in wanted for b in self.behaviors), dtype=bool, count=len(self))
 
     def head_users(self, n: int) -> InteractionLog:
         """The events of the first n users in order of first appearance (quick runs, tests)."""
@@ -108,9 +140,16 @@ class InteractionLog:
             labels=None if self.labels is None else self.labels[rows],
             user_columns={k: take(v) for k, v in self.user_columns.items()},
             context_columns={k: take(v) for k, v in self.context_columns.items()},
+            behaviors=None if self.behaviors is None else take(self.behaviors),
+            ignored_columns=self.ignored_columns,
         )
 
-    def histories(self, max_length: int | None = None) -> Iterator[UserHistory]:
+    def histories(
+        self,
+        max_length: int | None = None,
+        types: Sequence[str] | None = None,
+        use_labels: bool = True,
+    ) -> Iterator[UserHistory]:
         """Each user's behaviours, newest first, capped at max_length; users in first-seen order.
 
         Events with equal timestamps keep their file order (the later line counts as newer).
@@ -118,7 +157,7 @@ class InteractionLog:
         histories were built from.
         """
         users, user_codes = distinct_codes(self.user_ids)
-        behaviour = self.behaviour_mask()
+        behaviour = self.behaviour_mask(types, use_labels)
         order = np.lexsort((np.arange(len(self)), self.timestamps, user_codes))
         order = order[behaviour[order]]
         starts = np.searchsorted(user_codes[order], np.arange(len(users)), side="left")
@@ -161,6 +200,7 @@ def read_log(
     fmt: str = "auto",
     user_columns: Sequence[str] = (),
     context_columns: Sequence[str] = (),
+    behavior_column: str | None = None,
 ) -> InteractionLog:
     """Read a MovieLens folder or a CSV/Parquet interaction log.
 
@@ -171,24 +211,33 @@ def read_log(
     if not path.exists():
         raise FileNotFoundError(f"{path} not found")
     fmt = detect_format(path, fmt)
+    wanted = _Wanted(tuple(user_columns), tuple(context_columns), behavior_column)
     if fmt == "movielens":
-        return _read_movielens(path, user_columns, context_columns)
+        return _read_movielens(path, wanted)
     columns, first_row = _read_parquet(path) if fmt == "parquet" else _read_csv(path)
-    return _to_log(path, fmt, columns, first_row, user_columns, context_columns, renames={})
+    return _to_log(path, fmt, columns, first_row, wanted, renames={})
 
 
-def _read_movielens(
-    path: Path, user_columns: Sequence[str], context_columns: Sequence[str]
-) -> InteractionLog:
+@dataclass(frozen=True)
+class _Wanted:
+    """The optional columns a caller asked for."""
+
+    user: tuple[str, ...]
+    context: tuple[str, ...]
+    behavior: str | None
+
+    def names(self) -> tuple[str, ...]:
+        return (*self.user, *self.context, *([self.behavior] if self.behavior else []))
+
+
+def _read_movielens(path: Path, wanted: _Wanted) -> InteractionLog:
     folder = path if path.is_dir() else path.parent
     ratings_path = folder / "ratings.csv"
     if not ratings_path.is_file():
         raise FileNotFoundError(f"{ratings_path} not found: is {folder} a MovieLens folder?")
     columns, first_row = _read_csv(ratings_path)
     renames = {"userId": "user_id", "movieId": "item_id"}
-    log = _to_log(
-        ratings_path, "movielens", columns, first_row, user_columns, context_columns, renames
-    )
+    log = _to_log(ratings_path, "movielens", columns, first_row, wanted, renames)
     if "rating" not in columns:
         raise ValueError(f"{ratings_path}: missing column 'rating' (found: {sorted(columns)})")
     movies_path = folder / "movies.csv"
@@ -257,12 +306,11 @@ def _to_log(
     fmt: str,
     columns: dict[str, list[str]],
     first_row: int,
-    user_columns: Sequence[str],
-    context_columns: Sequence[str],
+    wanted: _Wanted,
     renames: dict[str, str],
 ) -> InteractionLog:
     columns = {renames.get(k, k): v for k, v in columns.items()}
-    for name in (*REQUIRED_COLUMNS, *user_columns, *context_columns):
+    for name in (*REQUIRED_COLUMNS, *wanted.names()):
         if name not in columns:
             found = sorted(columns)
             raise ValueError(f"{path}: missing column {name!r} (found: {found})")
@@ -295,8 +343,12 @@ def _to_log(
         item_categories=catalogue,
         ratings=ratings,
         labels=labels,
-        user_columns={name: columns[name] for name in user_columns},
-        context_columns={name: columns[name] for name in context_columns},
+        user_columns={name: columns[name] for name in wanted.user},
+        context_columns={name: columns[name] for name in wanted.context},
+        behaviors=None if wanted.behavior is None else columns[wanted.behavior],
+        ignored_columns=tuple(
+            name for name in columns if name not in (*KNOWN_COLUMNS, *wanted.names())
+        ),
     )
 
 

@@ -378,3 +378,130 @@ def test_histories_for_the_redis_loader(tmp_path: Path) -> None:
     assert histories[0].items == ["a", "c"]  # newest first, capped
     assert histories[0].profile == {"age": "30"}  # the latest event's value
     assert histories[1].items == ["x"]
+
+
+# -- protocols, negative samplers, behaviour types ----------------------------------------------
+
+
+def sparse_rows(users: int, events: int, catalogue: int, seed: int, zipf: float = 0.0,
+                ) -> list[list[object]]:
+    """Events whose items carry no signal: drawn per event from one distribution for everyone.
+
+    zipf = 0 draws items uniformly from a catalogue large enough that most are seen once; zipf > 0
+    draws them with weight rank^-zipf (a long tail with a few popular items).
+    """
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, catalogue + 1) ** zipf
+    weights /= weights.sum()
+    rows: list[list[object]] = []
+    for u in range(users):
+        items = rng.choice(catalogue, size=events, p=weights)
+        rows += [[f"u{u}", f"i{i}", 1000 + t, f"c{i % 17}"] for t, i in enumerate(items)]
+    return rows
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "popularity"])
+def test_being_unknown_says_nothing_about_the_label(tmp_path: Path, sampler: str) -> None:
+    # Most items occur once, so most valid/test items are out of vocabulary. A negative drawn from
+    # its positive's own split is unknown as often as the positives of that split.
+    rows = sparse_rows(users=300, events=20, catalogue=40_000, seed=3)
+    path = write_csv(tmp_path / "sparse.csv", ["user_id", "item_id", "timestamp", "category"], rows)
+    data = build_dataset(read_log(path), SampleOptions(negatives=1, seed=5,
+                                                       negative_sampler=sampler))
+    assert not np.any(data.train.candidate_items == OOV_INDEX)  # training never sees "unknown"
+    for split in (data.valid, data.test):
+        unknown = split.candidate_items == OOV_INDEX
+        positive = split.labels == 1
+        rate_pos, rate_neg = unknown[positive].mean(), unknown[~positive].mean()
+        assert rate_pos > 0.8  # the premise: a sparse catalogue
+        assert abs(rate_pos - rate_neg) < 0.05, (rate_pos, rate_neg)
+
+
+def test_popularity_negatives_follow_the_positives_and_uniform_ones_do_not(
+    tmp_path: Path,
+) -> None:
+    rows = sparse_rows(users=400, events=6, catalogue=500, seed=4, zipf=1.0)
+    path = write_csv(tmp_path / "tail.csv", ["user_id", "item_id", "timestamp", "category"], rows)
+    log = read_log(path)
+
+    def head_share(sampler: str) -> tuple[float, float]:
+        """Shares of positives and of negatives that are one of the 20 most frequent positives."""
+        train = build_dataset(log, SampleOptions(seed=2, negative_sampler=sampler)).train
+        positive = train.labels == 1
+        head = np.argsort(np.bincount(train.candidate_items[positive]))[-20:]
+        in_head = np.isin(train.candidate_items, head)
+        return float(in_head[positive].mean()), float(in_head[~positive].mean())
+
+    positives, popular = head_share("popularity")
+    _, uniform = head_share("uniform")
+    # Popularity negatives land on the head about as often as positives do (less the users who
+    # interacted with those items themselves); uniform ones hardly ever (20 of ~500 items).
+    assert positives > 0.4
+    assert popular > 0.6 * positives, (positives, popular)
+    assert uniform < 0.25 * popular, (uniform, popular)
+
+
+def test_implicit_protocol_ignores_ratings(movielens_slice: tuple[InteractionLog, Dataset]) -> None:
+    log, explicit = movielens_slice
+    implicit = build_dataset(log, SampleOptions(max_history_length=20, protocol="implicit"))
+    assert implicit.label_rule.startswith("implicit")
+    sizes = {name: len(s) for name, s in implicit.splits().items()}
+    assert sum(sizes.values()) == 2 * len(log)  # every rating a positive, one negative each
+    for split in implicit.splits().values():
+        assert split.labels.mean() == pytest.approx(0.5)
+    # Histories are every earlier rating in both protocols (a rating means the user watched).
+    np.testing.assert_array_equal(implicit.test.history_items[implicit.test.labels == 1],
+                                  explicit.test.history_items)
+
+
+def test_explicit_protocol_needs_labels_or_ratings(tmp_path: Path) -> None:
+    rows = sparse_rows(users=5, events=6, catalogue=50, seed=0)
+    path = write_csv(tmp_path / "clicks.csv", ["user_id", "item_id", "timestamp", "category"], rows)
+    with pytest.raises(ValueError, match="--protocol implicit"):
+        build_dataset(read_log(path), SampleOptions(protocol="explicit"))
+
+
+BEHAVIOR_HEADER = ["user_id", "item_id", "category", "behavior", "timestamp", "price"]
+
+
+def behavior_log(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(9)
+    kinds = ["pv", "pv", "pv", "cart", "fav", "buy"]
+    rows = [[f"u{u}", f"i{rng.integers(60)}", f"c{rng.integers(5)}", kinds[rng.integers(6)],
+             1000 + t, "9.99"] for u in range(40) for t in range(25)]
+    return write_csv(tmp_path / "taobao.csv", BEHAVIOR_HEADER, rows)
+
+
+def test_unused_columns_are_named(tmp_path: Path) -> None:
+    path = behavior_log(tmp_path)
+    assert read_log(path).ignored_columns == ("behavior", "price")
+    assert read_log(path, behavior_column="behavior").ignored_columns == ("price",)
+    assert read_log(MOVIELENS).ignored_columns == ()
+
+
+def test_behaviour_types_choose_history_entries_and_positives(tmp_path: Path) -> None:
+    log = read_log(behavior_log(tmp_path), behavior_column="behavior")
+    options = SampleOptions(max_history_length=10, history_behaviors=("cart", "fav", "buy"),
+                            positive_behaviors=("buy",), protocol="implicit")
+    data = build_dataset(log, options)
+    assert log.behaviors is not None
+    kinds = np.array(log.behaviors)
+    for split in data.splits().values():
+        assert set(kinds[split.events]) == {"buy"}  # only buys are targets
+    positions = {  # (user, item index) pairs of the history-eligible events
+        (log.user_ids[i], data.item_table.items.index(log.item_ids[i]))
+        for i in range(len(log)) if kinds[i] in ("cart", "fav", "buy")
+    }
+    entries = 0
+    for split in data.splits().values():
+        for s in range(len(split)):
+            user = log.user_ids[int(split.events[s])]
+            for item in split.history_items[s][split.history_items[s] != 0].tolist():
+                assert (user, item) in positions  # no page view in any history
+                entries += 1
+    assert entries > 0
+    with pytest.raises(ValueError, match="do not occur"):
+        build_dataset(log, SampleOptions(positive_behaviors=("purchase",), protocol="implicit"))
+    with pytest.raises(ValueError, match="no behaviour-type column"):
+        build_dataset(read_log(behavior_log(tmp_path)),
+                      SampleOptions(history_behaviors=("buy",), protocol="implicit"))
