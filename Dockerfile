@@ -24,24 +24,27 @@ RUN groupadd --system --gid 10001 dinserve \
 FROM base AS build
 WORKDIR /src
 RUN python -m venv /opt/venv
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY dinserve ./dinserve
 COPY service ./service
 # No extras and no offline code: the runtime set of pyproject.toml (fastapi, uvicorn, onnxruntime,
-# redis, ...) and the service; model_export/ (training and export) goes only into the model image.
-RUN pip install --no-cache-dir .
+# redis, ...), no torch and no load tools, every version as constraints.txt pins it; model_export/
+# (training and export) goes only into the model image.
+RUN pip install --no-cache-dir -c constraints.txt .
 
 FROM base AS model
 COPY --from=build /opt/venv /opt/venv
-# The CPU build of torch from PyTorch's own index first, so the export extra finds it satisfied
-# instead of pulling the CUDA build from PyPI.
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
+# The CPU build of torch first (2.13.0+cpu from PyTorch's index wins over PyPI's CUDA 2.13.0; its
+# dependencies at the pinned versions from PyPI), so the export extra finds it satisfied. As in
+# the Makefile's install.
+RUN pip install --no-cache-dir -c constraints.txt \
+        --extra-index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY dinserve ./dinserve
 COPY service ./service
 COPY model_export ./model_export
-RUN pip install --no-cache-dir "/app[export]"
+RUN pip install --no-cache-dir -c constraints.txt "/app[export]"
 COPY data ./data
 USER 10001:10001
 # Train (skipped when /models already holds a demo bundle), export, load the histories into

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -144,9 +145,17 @@ def _curve(phase: PhaseResult, service: bool = False) -> tuple[list[float], list
 
 
 def draw_picture(phases: Sequence[PhaseResult], path: Path, *, title: str,
-                 saturation: dict[str, Any] | None = None) -> None:
-    """Write the PNG: latency over time, percentile curves, and the saturation panel if any."""
-    import matplotlib
+                 saturation: dict[str, Any] | None = None) -> bool:
+    """Write the PNG: latency over time, percentile curves, and the saturation panel if any.
+
+    Returns False, after saying so in one line, when matplotlib (the dev extra) is missing.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"picture: skipped {path.name}: matplotlib is not installed "
+              "(pip install matplotlib, or the project's dev extra)", file=sys.stderr)
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -246,6 +255,7 @@ def draw_picture(phases: Sequence[PhaseResult], path: Path, *, title: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def format_table(phases: Sequence[PhaseResult]) -> str:

@@ -343,18 +343,22 @@ def write_outputs(run_result: LoadRun, settings: LoadSettings, payload: dict[str
     """report.json (and latency.png) into out_dir; returns the report."""
     mode = "saturation" if settings.find_saturation else "constant"
     png = out_dir / "latency.png"
-    if picture and run_result.phases:
-        draw_picture(run_result.phases, png, saturation=run_result.saturation,
-                     title=f"dinserve loadtest {mode}: {run_result.target}")
     report = build_report(
         target=run_result.target, mode=mode,
         config=config if config is not None else _jsonable(asdict(settings)),
         payload=payload, phases=run_result.phases, saturation=run_result.saturation,
         started_at=started_at, finished_at=_now(), event_loop=event_loop_name(loop),
-        picture=png.name if picture and run_result.phases else None)
+        picture=None)
     if graph_ceiling is not None:
         report["graph_ceiling"] = graph_ceiling
+    # The record first, whatever happens to the picture: matplotlib is optional (dev extra) and
+    # drawing takes seconds. report.json names the picture only once it exists.
     write_json(report, out_dir / "report.json")
+    if picture and run_result.phases and draw_picture(
+            run_result.phases, png, saturation=run_result.saturation,
+            title=f"dinserve loadtest {mode}: {run_result.target}"):
+        report["picture"] = png.name
+        write_json(report, out_dir / "report.json")
     return report
 
 

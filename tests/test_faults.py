@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,8 +36,7 @@ from tcp_proxy import TcpProxy
 
 from bench.loadclient import PhaseResult, run_loop
 from bench.loadtest import LoadSettings, measure
-from dinserve import processes
-from dinserve.redis_server import answers, find_redis_server
+from dinserve.redis_server import LocalRedis
 from service.history import keys
 
 DEADLINE_MS = 100
@@ -51,58 +48,24 @@ CANDIDATES = 50
 FIGURES = os.environ.get("FAULT_FIGURES")  # a JSON-lines file to append each scenario's figures to
 
 
-class FaultRedis:
+class FaultRedis(LocalRedis):
     """A redis-server owned by one test, restartable on its port, with DEBUG enabled."""
 
-    def __init__(self, **config: str) -> None:
-        binary = find_redis_server()
-        if binary is None:
-            pytest.skip("no redis-server binary to start a private server")
-        self.binary = str(binary)
-        self.port = processes.free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.config = config
-        self.process: subprocess.Popen[bytes] | None = None
-        version = subprocess.run([self.binary, "--version"], capture_output=True, text=True)
-        found = re.search(r"v=(\d+)\.", version.stdout)
-        # Redis 7 disables DEBUG by default; 6.x has neither the switch nor the restriction.
-        self.debug_args = ["--enable-debug-command", "local"] if found and int(
-            found.group(1)) >= 7 else []
+    def __init__(self) -> None:
+        super().__init__(debug=True)
 
-    def start(self) -> FaultRedis:
-        argv = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                "--appendonly", "no", *self.debug_args]
-        for name, value in self.config.items():
-            argv += [f"--{name}", value]
-        self.process = processes.spawn(argv, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while not answers(self.url, timeout=0.5):
-            assert self.process.poll() is None and time.monotonic() < deadline, "no redis"
-            time.sleep(0.02)
-        return self
-
-    def kill(self) -> None:
-        """SIGKILL: no goodbye to the clients, as in a crash or an OOM kill."""
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            processes.stop(self.process, timeout=5.0)
-            self.process = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=10)
+    def client(self, **options: Any) -> redis.Redis:
+        """A client that waits out DEBUG SLEEP and CLIENT PAUSE (10 s socket timeout)."""
+        return super().client(**{"socket_timeout": 10, **options})
 
 
 @pytest.fixture
 def fault_redis() -> Iterator[FaultRedis]:
-    server = FaultRedis().start()
+    server = FaultRedis()
+    if server.binary is None:
+        pytest.skip("no redis-server binary to start a private server")
     try:
-        yield server
+        yield server.start()
     finally:
         server.stop()
 

