@@ -26,7 +26,7 @@ import numpy as np
 
 from bench import machinecpu
 from bench.loadreport import write_json
-from bench.options import CeilingOptions
+from dinserve.bench_commands import CeilingOptions
 from model_export.bundle_format import CANDIDATE_ITEMS, HISTORY_ITEMS
 from service.config import Settings
 from service.errors import BundleRejected

@@ -21,7 +21,7 @@ import numpy as np
 
 from bench.loadreport import write_json
 from bench.loadtest import prepare_payloads
-from bench.options import CompareOptions
+from dinserve.bench_commands import CompareOptions
 
 
 @dataclass

@@ -41,7 +41,7 @@ from numpy.typing import NDArray  # noqa: E402
 
 from bench import machinecpu  # noqa: E402
 from bench.machinecpu import CpuWindow  # noqa: E402
-from bench.options import BenchOptions  # noqa: E402
+from dinserve.bench_commands import BenchOptions  # noqa: E402
 from model_export.bundle_format import (  # noqa: E402
     CANDIDATE_CATEGORIES,
     CANDIDATE_ITEMS,

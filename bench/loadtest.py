@@ -1,8 +1,8 @@
 """`dinserve loadtest`: open-loop load against a scoring URL, at one rate or stepping to saturation.
 
-This module owns the run: it takes LoadtestOptions (bench/options.py), prepares the payloads
-(bench/loadpayload.py), drives phases through the open-loop client (bench/loadclient.py) and hands
-the results to bench/loadreport.py. Two modes:
+This module owns the run: it takes LoadtestOptions (dinserve/bench_commands.py), prepares the
+payloads (bench/loadpayload.py), drives phases through the open-loop client (bench/loadclient.py)
+and hands the results to bench/loadreport.py. Two modes:
 
 - constant: one phase at --rate for --duration (after an unrecorded --warmup);
 - --find-saturation: phases of --step-duration at geometrically rising rates until a step fails
@@ -47,14 +47,14 @@ from bench.loadpayload import (
 )
 from bench.loadreport import build_report, draw_picture, format_table, write_json
 from bench.machinecpu import NOISY_STEAL_PCT, steal_of
-from bench.options import (
+from bench.servermetrics import metrics_url, phase_summary, scrape
+from dinserve.bench_commands import (
     LoadSettings,
     LoadtestOptions,
     PayloadOptions,
     prefix_or_default,
     redis_url_or_default,
 )
-from bench.servermetrics import metrics_url, phase_summary, scrape
 from dinserve.options import flat
 from service.heap import frozen_heap
 

@@ -34,8 +34,8 @@ from bench.loadpayload import build_bodies, read_items, seed_histories
 from bench.loadreport import write_json
 from bench.loadtest import measure
 from bench.machinecpu import describe, steal_of
-from bench.options import LoadSettings, SoakOptions, SoakSettings
 from dinserve import processes
+from dinserve.bench_commands import LoadSettings, SoakOptions, SoakSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_PASS, EXIT_FAIL, EXIT_NO_SERVICE = 0, 1, 2

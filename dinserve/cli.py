@@ -1,9 +1,10 @@
 """The `dinserve` command line: one entry point, one subcommand per job.
 
 Only the table of commands and the parsing live here. Each command's flags are declared once, by
-its options class (dinserve/commands.py, bench/options.py), and its handler receives that typed
-object. Handlers are imported when their command runs, so `dinserve serve` and `dinserve --help`
-never import torch (only train/export/bench need it).
+its options class (dinserve/commands.py, dinserve/bench_commands.py), and its handler receives
+that typed object. Handlers are imported when their command runs, so `dinserve serve` and
+`dinserve --help` never import torch (only train/export/bench need it), nor bench/ or
+model_export/, which the service image does not ship.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.options import (
+from dinserve.bench_commands import (
     BenchOptions,
     CeilingOptions,
     CompareOptions,

@@ -3,7 +3,8 @@
 One class per command (dinserve/options.py): each field is a flag with its type, default and help,
 and the class's docstring is the command's --help description. The handlers receive these
 objects; `python -m service` builds its parser from ServeOptions too. The load tools' options are
-in bench/options.py. Nothing here may import torch or numpy: `dinserve --help` reads this module.
+in dinserve/bench_commands.py. `dinserve --help` reads this module, in images that ship only
+dinserve/ and service/: it imports the standard library alone.
 """
 
 from __future__ import annotations

@@ -5,8 +5,11 @@ and the class's docstring is the command's --help description. Two of them are a
 tools run on: LoadSettings (how bench/loadtest.py's measure() loads a target) is loadtest's own
 flags, and SoakSettings is soak's. Flags that commands share are written once: PayloadOptions (the
 request bodies of loadtest and compare) and the option functions below (what soak shares with
-loadtest's saturation search). `dinserve --help` reads this module: nothing heavier than the
-standard library is imported at the top.
+loadtest's saturation search).
+
+They live in dinserve/, not bench/, because `dinserve --help` lists every command and the images
+ship dinserve/ without bench/ (Dockerfile): at the top, this module imports the standard library
+alone.
 """
 
 from __future__ import annotations
