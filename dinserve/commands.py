@@ -17,8 +17,8 @@ from dinserve.options import option, option_class
 DEFAULT_DATA = Path("data/ml-latest-small")
 DEFAULT_MODELS = Path("models")
 
-# model_export/data.py's Format and model_export/din.py's PRESETS, which import numpy and torch;
-# tests/test_cli.py checks that the lists agree.
+# Copies, because their modules import numpy and torch: the log formats that read_log() accepts,
+# and model_export/din.py's PRESETS (tests/test_cli.py checks that the presets agree).
 Format = Literal["auto", "movielens", "csv", "parquet"]
 Preset = Literal["paper", "deepctr", "seed"]
 
