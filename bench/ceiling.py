@@ -14,10 +14,10 @@ known ids; a graph call's cost does not depend on the values. Torch-free, like t
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import numpy as np
 
 from bench import machinecpu
 from bench.loadreport import write_json
+from dinserve.bench_commands import CeilingOptions
 from service.bundle import CANDIDATE_ITEMS, HISTORY_ITEMS
 from service.config import Settings
 from service.errors import BundleRejected
@@ -134,7 +135,7 @@ def describe(result: CeilingResult) -> str:
 
 
 def ceiling_report(model_dir: Path, candidates: int, history_length: int | None,
-                   callers: list[int], seconds: float, seed: int = 0,
+                   callers: Sequence[int], seconds: float, seed: int = 0,
                    model: CTRModel | None = None) -> dict[str, Any]:
     """Measure every caller count on one loaded bundle; the report's JSON form."""
     model = model or load_model(model_dir)
@@ -148,11 +149,11 @@ def ceiling_report(model_dir: Path, candidates: int, history_length: int | None,
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def run(options: CeilingOptions) -> int:
     """The `dinserve ceiling` handler: 0, or 2 for a bundle or option that cannot be measured."""
     try:
-        report = ceiling_report(Path(args.model_dir), args.candidates, args.history_length,
-                                args.callers, args.seconds, args.seed)
+        report = ceiling_report(options.model_dir, options.candidates, options.history_length,
+                                options.callers, options.seconds, options.seed)
     except (BundleRejected, ValueError) as exc:
         print(f"dinserve ceiling: error: {exc}", file=sys.stderr)
         return 2
@@ -160,9 +161,9 @@ def run(args: argparse.Namespace) -> int:
           f"{report['history_length']} history:")
     for row in report["results"]:
         print(f"  {describe(CeilingResult(**row))}")
-    if args.out:
-        write_json(report, Path(args.out))
-        print(f"report: {args.out}")
+    if options.out:
+        write_json(report, options.out)
+        print(f"report: {options.out}")
     return 0
 
 

@@ -12,19 +12,16 @@ The payloads are loadtest's (bench/loadtest.py prepare_payloads: users, items, s
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
-from bench.loadhttp import parse_header
 from bench.loadreport import write_json
 from bench.loadtest import prepare_payloads
+from dinserve.bench_commands import CompareOptions
 
 
 @dataclass
@@ -90,26 +87,19 @@ class CompareReport:
     results: list[dict[str, Any]]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(options: CompareOptions) -> int:
     """The `dinserve compare` handler: 0 when every URL answered 2xx at least once, else 1."""
-    if args.rounds < 1 or args.warmup_rounds < 0:
-        print("dinserve compare: error: --rounds must be at least 1 and --warmup-rounds at "
-              "least 0", file=sys.stderr)
-        return 2
-    try:
-        headers = dict(parse_header(h) for h in args.header)
-    except ValueError as exc:
-        print(f"dinserve compare: error: {exc}", file=sys.stderr)
-        return 2
-    bodies, payload = prepare_payloads(args)
-    results = compare(args.urls, bodies, args.rounds, args.warmup_rounds, headers, args.timeout)
+    bodies, payload = prepare_payloads(options.payload, options.seed)
+    results = compare(list(options.urls), bodies, options.rounds, options.warmup_rounds,
+                      dict(options.headers), options.timeout)
     reference = results[-1]
     ref_p50 = (float(np.percentile(reference.latencies_ms, 50))
                if reference.latencies_ms else None)
     rows = [r.summary(ref_p50) for r in results]
-    report = CompareReport(urls=args.urls, reference=reference.url, rounds=args.rounds,
-                           warmup_rounds=args.warmup_rounds, payload=payload, results=rows)
-    print(f"compare: {args.rounds} rounds of {payload['candidates']} candidates, one request at "
+    report = CompareReport(urls=list(options.urls), reference=reference.url,
+                           rounds=options.rounds, warmup_rounds=options.warmup_rounds,
+                           payload=payload, results=rows)
+    print(f"compare: {options.rounds} rounds of {payload['candidates']} candidates, one request at "
           f"a time; ratios of p50 against {reference.url}")
     for row in rows:
         if row["ok"]:
@@ -119,9 +109,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{_errors(row['errors'])}")
         else:
             print(f"  {row['url']}: no 2xx answer{_errors(row['errors'])}")
-    if args.out:
-        write_json(asdict(report), Path(args.out))
-        print(f"report: {args.out}")
+    if options.out:
+        write_json(asdict(report), options.out)
+        print(f"report: {options.out}")
     return 0 if all(row["ok"] for row in rows) else 1
 
 

@@ -16,7 +16,6 @@ slows them all alike, and the report leads with ratios of medians.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -42,6 +41,7 @@ from numpy.typing import NDArray  # noqa: E402
 
 from bench import machinecpu  # noqa: E402
 from bench.machinecpu import CpuWindow  # noqa: E402
+from dinserve.bench_commands import BenchOptions  # noqa: E402
 from model_export.din import DIN, Dice, preset_config  # noqa: E402
 from model_export.export import (  # noqa: E402
     Feeds,
@@ -244,7 +244,7 @@ def ort_call(
 
 
 def count_flops(
-    workload: Workload, args: argparse.Namespace, alternatives: Sequence[str], feeds: Feeds,
+    workload: Workload, options: BenchOptions, alternatives: Sequence[str], feeds: Feeds,
     tiled: Feeds, workdir: Path,
 ) -> dict[str, int]:
     """matmul_flops of every timed graph, counted on the graphs of a small-vocabulary twin.
@@ -257,7 +257,7 @@ def count_flops(
     counted as written without it: the same products, but matmul_flops does not look into a
     Scan; the other strategies have none, and chunked=False leaves them as they are.
     """
-    twin = random_din(workload, TWIN_ROWS, TWIN_ROWS, args.categories_per_item, args.seed)
+    twin = random_din(workload, TWIN_ROWS, TWIN_ROWS, options.categories_per_item, options.seed)
     folder = workdir / f"{workload.name}_flops"
     folder.mkdir(exist_ok=True)
     graphs = {"serving": "auto", "naive": None, **{f"serving_{alt}": alt for alt in alternatives}}
@@ -273,13 +273,13 @@ def count_flops(
 
 
 def bench_workload(
-    workload: Workload, args: argparse.Namespace, workdir: Path
+    workload: Workload, options: BenchOptions, workdir: Path
 ) -> list[dict[str, Any]]:
     """All variants of one workload, once per thread count; one result dict per thread count."""
     n, length = workload.candidates, workload.history
-    model = random_din(workload, args.items + 2, args.categories + 2, args.categories_per_item,
-                       args.seed)
-    feeds = request(model, n, length, args.seed + 1)
+    model = random_din(workload, options.items + 2, options.categories + 2,
+                       options.categories_per_item, options.seed)
+    feeds = request(model, n, length, options.seed + 1)
     tiled = tile(feeds)
     # The serving graph as export writes it ("auto": switched on N between "product" and the
     # large-N strategy, model_export/switch.py), and each single strategy it could have used,
@@ -302,7 +302,7 @@ def bench_workload(
         paths[f"serving_{alt}"] = workdir / f"{workload.name}_serving_{alt}.onnx"
         export_onnx(model, paths[f"serving_{alt}"], strategy=alt)
     export_seconds = time.perf_counter() - started
-    flops = count_flops(workload, args, alternatives, feeds, tiled, workdir)
+    flops = count_flops(workload, options, alternatives, feeds, tiled, workdir)
     # Useful work: the decomposed layer computed once ("dual" repeats a GEMM to save memory
     # passes, and the roofline should not credit it for that).
     useful = min(f for name, f in flops.items() if name != "naive")
@@ -324,7 +324,7 @@ def bench_workload(
         return scores
 
     results = []
-    for threads in args.threads:
+    for threads in options.threads:
         torch.set_num_threads(threads)
         sessions = {name: session(path, threads) for name, path in paths.items()}
         variants = [
@@ -334,7 +334,7 @@ def bench_workload(
         ]
         variants.append(Variant("roofline_matmul", ort_call(sessions["roofline"], roofline_feeds),
                                 int(2 * np.prod(roofline_shape))))
-        if not args.no_torch:
+        if not options.no_torch:
             variants += [Variant("torch_eager_din", torch_din, flops["naive"]),
                          Variant("torch_eager_serving", torch_serving, flops["serving"])]
         diffs = {}
@@ -345,7 +345,7 @@ def bench_workload(
             assert got is not None
             diffs[v.name] = float(np.max(np.abs(got.astype(np.float64) - reference)))
         before = machinecpu.snapshot()
-        time_round_robin(variants, args.repeats, args.warmup)
+        time_round_robin(variants, options.repeats, options.warmup)
         cpu = machinecpu.window(before, machinecpu.snapshot())
         stats = {v.name: v.stats() for v in variants}
         median = {name: s["median_ms"] for name, s in stats.items()}
@@ -434,7 +434,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
+def run(options: BenchOptions) -> int:
     """`dinserve bench`: time every workload; write --out JSON when asked; 0 unless it crashed."""
     report: dict[str, Any] = {
         "machine": machine(),
@@ -442,22 +442,22 @@ def run(args: argparse.Namespace) -> int:
             "graph_optimization": "ORT_ENABLE_ALL",
             "execution_mode": "ORT_SEQUENTIAL",
             "inter_op_threads": 1,
-            "repeats": args.repeats,
-            "warmup": args.warmup,
-            "items": args.items,
-            "categories": args.categories,
-            "categories_per_item": args.categories_per_item,
-            "seed": args.seed,
+            "repeats": options.repeats,
+            "warmup": options.warmup,
+            "items": options.items,
+            "categories": options.categories,
+            "categories_per_item": options.categories_per_item,
+            "seed": options.seed,
         },
         "command": " ".join(sys.argv),
         "results": [],
     }
     with tempfile.TemporaryDirectory(prefix="dinserve-bench-") as tmp:
-        for name in args.workload:
-            report["results"] += bench_workload(WORKLOADS[name], args, Path(tmp))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {args.out}")
+        for name in options.workload:
+            report["results"] += bench_workload(WORKLOADS[name], options, Path(tmp))
+    if options.out:
+        options.out.parent.mkdir(parents=True, exist_ok=True)
+        options.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {options.out}")
     return 0
 

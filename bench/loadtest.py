@@ -1,8 +1,8 @@
 """`dinserve loadtest`: open-loop load against a scoring URL, at one rate or stepping to saturation.
 
-This module owns the run: it turns the command line into LoadSettings, prepares the payloads
-(bench/loadpayload.py), drives phases through the open-loop client (bench/loadclient.py) and hands
-the results to bench/loadreport.py. Two modes:
+This module owns the run: it takes LoadtestOptions (dinserve/bench_commands.py), prepares the
+payloads (bench/loadpayload.py), drives phases through the open-loop client (bench/loadclient.py)
+and hands the results to bench/loadreport.py. Two modes:
 
 - constant: one phase at --rate for --duration (after an unrecorded --warmup);
 - --find-saturation: phases of --step-duration at geometrically rising rates until a step fails
@@ -17,14 +17,12 @@ comes back. Every phase is bounded by a request count and a timeout, so every ru
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import math
-import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +36,7 @@ from bench.loadclient import (
     event_loop_name,
     run_loop,
 )
-from bench.loadhttp import Target, parse_header
+from bench.loadhttp import Target
 from bench.loadpayload import (
     build_bodies,
     items_from_range,
@@ -50,62 +48,22 @@ from bench.loadpayload import (
 from bench.loadreport import build_report, draw_picture, format_table, write_json
 from bench.machinecpu import NOISY_STEAL_PCT, steal_of
 from bench.servermetrics import metrics_url, phase_summary, scrape
+from dinserve.bench_commands import (
+    LoadSettings,
+    LoadtestOptions,
+    PayloadOptions,
+    prefix_or_default,
+    redis_url_or_default,
+)
+from dinserve.options import flat
 from service.heap import frozen_heap
 
 if TYPE_CHECKING:  # imported when --graph-ceiling is given: it loads onnxruntime
     from bench.ceiling import CeilingBracket
 
-DEFAULT_URL = "http://127.0.0.1:8000/score"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-DEFAULT_PREFIX = "ctr"
 # A hard ceiling on one phase, whatever rate x duration says: ~1M requests keep the per-request
 # samples for the picture under ~20 MB.
 MAX_REQUESTS_PER_PHASE = 1_000_000
-
-
-@dataclass(frozen=True)
-class LoadSettings:
-    """How to load the target; defaults match `dinserve loadtest --help`."""
-
-    url: str = DEFAULT_URL
-    rate: float = 100.0
-    duration: float = 10.0
-    max_requests: int | None = None
-    arrival: str = "constant"
-    warmup: float = 1.0
-    connections: int = 8
-    max_connections: int = 256
-    timeout: float = 5.0
-    tick_ms: float = 1.0
-    idle_timeout: float = 4.0
-    seed: int = 0
-    find_saturation: bool = False
-    start_rate: float = 50.0
-    step_factor: float = 1.5
-    step_duration: float = 4.0
-    max_rate: float = 20_000.0
-    max_steps: int = 20
-    p99_limit_ms: float = 100.0
-    max_error_rate: float = 0.01
-    track_ratio: float = 0.9
-    refine: int = 2
-    fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
-    fraction_duration: float = 10.0
-    pause: float = 1.0
-    headers: tuple[tuple[str, str], ...] = ()  # extra request headers (--header)
-    server_metrics: bool = True  # read the target's /metrics around each phase
-
-    def __post_init__(self) -> None:
-        if self.rate <= 0 or self.start_rate <= 0 or self.max_rate <= 0:
-            raise ValueError("rates must be positive")
-        if self.duration <= 0 or self.step_duration <= 0 or self.fraction_duration <= 0:
-            raise ValueError("durations must be positive")
-        if self.step_factor <= 1.0:
-            raise ValueError(f"--step-factor must be > 1, got {self.step_factor}")
-        if not 0 < self.track_ratio <= 1:
-            raise ValueError(f"--track-ratio must be in (0, 1], got {self.track_ratio}")
-        if any(not 0 < f <= 1 for f in self.fractions):
-            raise ValueError(f"--fractions must be in (0, 1], got {self.fractions}")
 
 
 @dataclass
@@ -284,53 +242,34 @@ def _bounded_seconds(s: LoadSettings) -> float:
     return s.warmup + s.duration + 2 * per_phase + 60
 
 
-def settings_from_args(args: argparse.Namespace, url: str) -> LoadSettings:
-    fractions = tuple(float(f) for f in args.fractions.split(",") if f.strip())
-    return LoadSettings(
-        url=url, rate=args.rate, duration=args.duration, max_requests=args.max_requests,
-        arrival=args.arrival, warmup=args.warmup, connections=args.connections,
-        max_connections=args.max_connections, timeout=args.timeout, tick_ms=args.tick_ms,
-        idle_timeout=args.idle_timeout,
-        seed=args.seed,
-        find_saturation=args.find_saturation, start_rate=args.start_rate,
-        step_factor=args.step_factor, step_duration=args.step_duration, max_rate=args.max_rate,
-        max_steps=args.max_steps, p99_limit_ms=args.p99_limit_ms,
-        max_error_rate=args.max_error_rate, track_ratio=args.track_ratio, refine=args.refine,
-        fractions=fractions, fraction_duration=args.fraction_duration, pause=args.pause,
-        headers=tuple(parse_header(h) for h in args.header),
-        server_metrics=not args.no_server_metrics,
-    )
-
-
-def prepare_payloads(args: argparse.Namespace) -> tuple[list[bytes], dict[str, Any]]:
+def prepare_payloads(payload: PayloadOptions, seed: int) -> tuple[list[bytes], dict[str, Any]]:
     """Users, items, optional seeded histories, and the encoded bodies; plus their description."""
-    redis_url = args.redis_url or os.environ.get("CTR_REDIS_URL", DEFAULT_REDIS_URL)
-    prefix = args.prefix or os.environ.get("CTR_REDIS_PREFIX", DEFAULT_PREFIX)
-    if args.users_file:
-        users, users_from = read_users_file(args.users_file), f"file {args.users_file}"
-    elif args.users_from_redis:
-        users = users_from_redis(redis_url, prefix, args.users)
+    redis_url = redis_url_or_default(payload.redis_url)
+    prefix = prefix_or_default(payload.prefix)
+    if payload.users_file:
+        users, users_from = read_users_file(payload.users_file), f"file {payload.users_file}"
+    elif payload.users_from_redis:
+        users = users_from_redis(redis_url, prefix, payload.users)
         users_from = f"redis {prefix}:hist:*"
     else:
-        users, users_from = [str(i) for i in range(1, args.users + 1)], f"ids 1..{args.users}"
-    if args.item_ids_from:
-        items, items_from = read_items(args.item_ids_from), str(args.item_ids_from)
+        users, users_from = [str(i) for i in range(1, payload.users + 1)], f"ids 1..{payload.users}"
+    if payload.item_ids_from:
+        items, items_from = read_items(payload.item_ids_from), str(payload.item_ids_from)
     else:
-        items, items_from = items_from_range(args.item_range), f"range {args.item_range}"
+        items, items_from = items_from_range(payload.item_range), f"range {payload.item_range}"
     seeded = None
-    if args.history_length is not None:
-        count = seed_histories(redis_url, prefix, users, items, args.history_length,
-                               seed=args.seed)
-        seeded = {"users": count, "length": args.history_length, "prefix": prefix}
-    context = orjson.loads(args.context) if args.context else None
-    bodies = build_bodies(users, items, args.candidates, args.distinct_payloads,
-                          with_categories=args.with_categories, context=context, seed=args.seed)
+    if payload.history_length is not None:
+        count = seed_histories(redis_url, prefix, users, items, payload.history_length, seed=seed)
+        seeded = {"users": count, "length": payload.history_length, "prefix": prefix}
+    context = orjson.loads(payload.context) if payload.context else None
+    bodies = build_bodies(users, items, payload.candidates, payload.distinct_payloads,
+                          with_categories=payload.with_categories, context=context, seed=seed)
     description = {
         "users": len(users), "users_from": users_from,
         "items": len(items), "items_from": items_from,
-        "candidates": args.candidates, "distinct_payloads": len(bodies),
+        "candidates": payload.candidates, "distinct_payloads": len(bodies),
         "body_bytes_mean": round(sum(map(len, bodies)) / len(bodies), 1),
-        "with_categories": args.with_categories, "context": context,
+        "with_categories": payload.with_categories, "context": context,
         "history_seeded": seeded,
     }
     return bodies, description
@@ -377,41 +316,46 @@ def _jsonable(value: dict[str, Any]) -> dict[str, Any]:
             for k, v in value.items() if not callable(v)}
 
 
-def _ceiling_bracket(args: argparse.Namespace) -> CeilingBracket | None:
+def _ceiling_bracket(model_dir: Path, options: LoadtestOptions) -> CeilingBracket | None:
     """The bundle of --graph-ceiling, loaded and checked; None, after saying why, if not."""
     from bench.ceiling import CeilingBracket
     from service.errors import BundleRejected
 
     try:
-        return CeilingBracket(Path(args.graph_ceiling), args.candidates, args.history_length,
-                              args.ceiling_callers, args.ceiling_seconds)
+        return CeilingBracket(model_dir, options.payload.candidates,
+                              options.payload.history_length, options.ceiling_callers,
+                              options.ceiling_seconds)
     except (BundleRejected, ValueError) as exc:
         print(f"dinserve loadtest: error: --graph-ceiling: {exc}", file=sys.stderr)
         return None
 
 
-def run(args: argparse.Namespace) -> int:
+def report_config(options: LoadtestOptions, settings: LoadSettings) -> dict[str, Any]:
+    """The report's `config`: every option, as run (the no-op server's URL), secrets hidden."""
+    config = _jsonable(flat(options))
+    config["url"] = settings.url
+    del config["headers"]  # as given, values and all: credentials stay out of the report
+    config["header"] = [f"{name}: {_shown(name, value)}" for name, value in settings.headers]
+    return config
+
+
+def run(options: LoadtestOptions) -> int:
     """The `dinserve loadtest` handler; exit 0 unless no request at all succeeded."""
     started_at = _now()
     noop = None
-    try:
-        settings = settings_from_args(args, args.url)
-    except ValueError as exc:  # a bad option: say which, as argparse would, without a traceback
-        print(f"dinserve loadtest: error: {exc}", file=sys.stderr)
-        return 2
+    settings = options.load
     bracket = None
-    if args.graph_ceiling:
+    if options.graph_ceiling:
         from bench.ceiling import describe
 
-        bracket = _ceiling_bracket(args)
+        bracket = _ceiling_bracket(options.graph_ceiling, options)
         if bracket is None:
             return 2
     try:
-        bodies, payload = prepare_payloads(args)
-        url = args.url
-        if args.noop_server:
+        bodies, payload = prepare_payloads(options.payload, settings.seed)
+        if options.noop_server:
             noop, url = start_noop_server(_bounded_seconds(settings))
-            settings = settings_from_args(args, url)
+            settings = replace(settings, url=url)
         print(f"loadtest: {settings.url}, {payload['distinct_payloads']} payloads of "
               f"{payload['candidates']} candidates (~{payload['body_bytes_mean']:.0f} B)",
               flush=True)
@@ -420,23 +364,20 @@ def run(args: argparse.Namespace) -> int:
         # What setup built (payloads, imports) stays out of the collector's way while requests
         # are timed: a full collection would stall this loop for tens of ms (service/heap.py).
         with frozen_heap():
-            result = run_loop(measure(settings, bodies), args.loop)
+            result = run_loop(measure(settings, bodies), options.loop)
         if bracket is not None:
             print(f"graph ceiling after: {describe(bracket.measure())}", flush=True)
     finally:
         if noop is not None:
             noop.terminate()
             noop.wait(timeout=10)
-    out_dir = Path(args.out or f"reports/loadtest/{started_at.replace(':', '')}")
-    config = _jsonable({k: v for k, v in vars(args).items() if k != "handler"})
-    config["url"] = settings.url
-    config["header"] = [f"{name}: {_shown(name, value)}" for name, value in settings.headers]
+    out_dir = options.out or Path(f"reports/loadtest/{started_at.replace(':', '')}")
     throughput = (result.saturation["saturation_rps"] if result.saturation
                   else max((p.achieved_rps for p in result.phases), default=0.0))
     ceiling = bracket.summary(throughput) if bracket is not None else None
     report = write_outputs(result, settings, payload, out_dir, started_at=started_at,
-                           loop=args.loop, picture=not args.no_picture, config=config,
-                           graph_ceiling=ceiling)
+                           loop=options.loop, picture=not options.no_picture,
+                           config=report_config(options, settings), graph_ceiling=ceiling)
     print(format_table(result.phases))
     if result.saturation:
         sat = result.saturation

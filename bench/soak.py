@@ -16,7 +16,6 @@ MiB per hour. The run passes when there was no error and the RSS grew less than
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import statistics
@@ -24,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,44 +32,13 @@ from bench.loadclient import OpenLoopClient, PhaseResult, arrival_offsets, run_l
 from bench.loadhttp import Target
 from bench.loadpayload import build_bodies, read_items, seed_histories
 from bench.loadreport import write_json
-from bench.loadtest import LoadSettings, measure
+from bench.loadtest import measure
 from bench.machinecpu import describe, steal_of
 from dinserve import processes
+from dinserve.bench_commands import LoadSettings, SoakOptions, SoakSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_PASS, EXIT_FAIL, EXIT_NO_SERVICE = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class SoakSettings:
-    """What to run; defaults match `dinserve soak --help`."""
-
-    model_dir: Path
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    prefix: str = "soak"
-    rate: float | None = None
-    fraction: float = 0.7
-    duration: float = 600.0
-    window: float = 30.0
-    warmup: float = 10.0
-    users: int = 1000
-    candidates: int = 200
-    history_length: int | None = 50
-    max_rss_growth: float = 5.0
-    rss_interval: float = 1.0
-    step_duration: float = 4.0
-    start_rate: float = 50.0
-    p99_limit_ms: float = 250.0
-    timeout: float = 5.0
-    service_env: dict[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.rate is not None and self.rate <= 0:
-            raise ValueError("--rate must be positive")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
-        if self.window <= 0 or self.duration < self.window:
-            raise ValueError("--window must be positive and at most --duration")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,24 +324,11 @@ def soak(settings: SoakSettings, out_dir: Path) -> tuple[int, dict[str, Any]]:
     return (EXIT_PASS if summary["passed"] else EXIT_FAIL), report
 
 
-def settings_from_args(args: argparse.Namespace) -> SoakSettings:
-    env = dict(pair.split("=", 1) for pair in args.service_env)
-    return SoakSettings(
-        model_dir=Path(args.model_dir),
-        redis_url=args.redis_url or os.environ.get("CTR_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        prefix=args.prefix, rate=args.rate, fraction=args.fraction, duration=args.duration,
-        window=args.window, warmup=args.warmup, users=args.users, candidates=args.candidates,
-        history_length=None if args.history_length < 0 else args.history_length,
-        max_rss_growth=args.max_rss_growth, rss_interval=args.rss_interval,
-        step_duration=args.step_duration, start_rate=args.start_rate,
-        p99_limit_ms=args.p99_limit_ms, timeout=args.timeout, service_env=env,
-    )
-
-
-def run(args: argparse.Namespace) -> int:
+def run(options: SoakOptions) -> int:
     """The `dinserve soak` handler."""
-    settings = settings_from_args(args)
-    out_dir = Path(args.out or f"reports/soak/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    settings = options.settings
+    out_dir = options.out or Path(
+        f"reports/soak/{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
     code, report = soak(settings, out_dir)
     summary = report.get("summary")
     if summary is None:

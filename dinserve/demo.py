@@ -11,7 +11,6 @@ imports torch and a second run is ready in seconds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -27,6 +26,7 @@ from types import FrameType
 import httpx
 
 from dinserve import processes
+from dinserve.commands import DemoOptions
 from dinserve.redis_server import LocalRedis, RedisServerError, answers, find_redis_server
 from service.bundle import ITEMS_FILE, version_dirs
 
@@ -72,12 +72,12 @@ class Layout:
         return self.models / DEMO_NAME
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Layout:
-        workdir = Path(args.workdir).resolve()
+    def from_options(cls, options: DemoOptions) -> Layout:
+        workdir = options.workdir.resolve()
         return cls(
-            data=Path(args.data).resolve(),
+            data=options.data.resolve(),
             run=(workdir / "runs" / DEMO_NAME),
-            models=Path(args.models).resolve() if args.models else workdir / "models",
+            models=options.models.resolve() if options.models else workdir / "models",
             state=workdir / ".demo",
         )
 
@@ -100,10 +100,16 @@ def dinserve_argv(*args: str | Path) -> list[str]:
 class Demo:
     """One demo session; every child it starts is registered in `stack` for stopping."""
 
-    def __init__(self, args: argparse.Namespace, stack: ExitStack) -> None:
-        self.args = args
+    def __init__(self, options: DemoOptions, stack: ExitStack) -> None:
+        self.options = options
         self.stack = stack
-        self.layout = Layout.from_args(args)
+        self.layout = Layout.from_options(options)
+        # Flags left unset take REDIS_URL, CTR_HOST and CTR_PORT from the environment.
+        self.redis_url = (options.redis_url if options.redis_url is not None
+                          else os.environ.get("REDIS_URL") or None)
+        self.host = (options.host if options.host is not None
+                     else os.environ.get("CTR_HOST") or "127.0.0.1")
+        self.port = options.port if options.port is not None else port_from_environment()
         self.started = time.perf_counter()
         self.redis: LocalRedis | None = None  # set when the demo starts its own redis-server
         self.service_log = self.layout.state / "service.log"
@@ -127,24 +133,24 @@ class Demo:
 
     def ensure_model(self) -> Path:
         """The newest demo bundle; trains and exports only what is missing (or all on --retrain)."""
-        layout, args = self.layout, self.args
+        layout, options = self.layout, self.options
         if not layout.data.exists():
             raise DemoError(f"no data at {layout.data} (--data)")
         bundle = latest_bundle(layout.bundle_root)
-        if bundle is not None and not args.retrain:
+        if bundle is not None and not options.retrain:
             say(f"model: reusing the bundle {bundle} (--retrain to train and export again)")
             return bundle
-        if (layout.run / "checkpoint.pt").is_file() and not args.retrain:
+        if (layout.run / "checkpoint.pt").is_file() and not options.retrain:
             say(f"model: reusing the training run {layout.run}")
         else:
             say(f"model: training on {layout.data} into {layout.run}")
-            argv = dinserve_argv("train", "--data", layout.data, "--format", args.format,
+            argv = dinserve_argv("train", "--data", layout.data, "--format", options.format,
                                  "--out", layout.run)
-            for flag, value in (("--preset", args.preset), ("--epochs", args.epochs),
-                                ("--max-users", args.max_users)):
+            for flag, value in (("--preset", options.preset), ("--epochs", options.epochs),
+                                ("--max-users", options.max_users)):
                 if value is not None:
                     argv += [flag, str(value)]
-            if not args.baseline:
+            if not options.baseline:
                 argv.append("--no-baseline")
             t0 = time.perf_counter()
             self.run_child("dinserve train", argv)
@@ -161,12 +167,12 @@ class Demo:
     # -- redis -----------------------------------------------------------------------------------
 
     def ensure_redis(self) -> str:
-        url = self.args.redis_url
+        url = self.redis_url
         if url:
             if answers(url):
                 say(f"redis: {redact(url)} answers PING, using it")
                 return str(url)
-            if self.args.setup_only:
+            if self.options.setup_only:
                 raise DemoError(f"redis: {redact(url)} does not answer PING")
             say(f"redis: {redact(url)} does not answer PING; starting a redis-server instead")
         if find_redis_server() is None:
@@ -187,7 +193,7 @@ class Demo:
 
     def start_history_load(self, redis_url: str, bundle: Path) -> subprocess.Popen[bytes]:
         return self.start_child(dinserve_argv(
-            "history", "load", "--data", self.layout.data, "--format", self.args.format,
+            "history", "load", "--data", self.layout.data, "--format", self.options.format,
             "--redis-url", redis_url, "--model-dir", bundle))
 
     # -- service ---------------------------------------------------------------------------------
@@ -209,13 +215,13 @@ class Demo:
 
     def wait_ready(self, proc: subprocess.Popen[bytes], base_url: str) -> None:
         outcome = processes.wait_until_answering(
-            proc, f"{base_url}/readyz", self.args.ready_timeout, POLL_SECONDS
+            proc, f"{base_url}/readyz", self.options.ready_timeout, POLL_SECONDS
         )
         if outcome == "exited":
             raise DemoError(f"service exited with code {proc.returncode} before it was "
                             f"ready; last lines of {self.service_log}:\n{self.log_tail()}")
         if outcome == "timeout":
-            raise DemoError(f"service not ready after {self.args.ready_timeout:.0f}s "
+            raise DemoError(f"service not ready after {self.options.ready_timeout:.0f}s "
                             f"(--ready-timeout); last lines of {self.service_log}:\n"
                             f"{self.log_tail()}")
 
@@ -226,10 +232,9 @@ class Demo:
     # -- the whole session -----------------------------------------------------------------------
 
     def run(self) -> int:
-        args = self.args
-        host = args.host
-        port = args.port if args.port != 0 else processes.free_port(host)
-        if not args.setup_only and not processes.port_is_free(host, port):
+        options, host = self.options, self.host
+        port = self.port if self.port != 0 else processes.free_port(host)
+        if not options.setup_only and not processes.port_is_free(host, port):
             raise DemoError(
                 f"port {port} on {host} is already in use by another program: stop it, or pick "
                 f"another port with `dinserve demo --port N` (or CTR_PORT=N; 0 = any free port)"
@@ -239,13 +244,13 @@ class Demo:
         # The history load, the service's start (model load, self-check, warm-up) and picking the
         # example each take seconds and need nothing from each other: run them side by side.
         loader = self.start_history_load(redis_url, bundle)
-        if args.setup_only:
+        if options.setup_only:
             self.finish_child("dinserve history load", loader)
             say(f"setup done in {time.perf_counter() - self.started:.1f}s: bundle {bundle}, "
                 f"histories in {redact(redis_url)}")
             return 0
         service = self.start_service(redis_url, host, port)
-        example = Example.pick(self.layout.data, args.format, bundle)
+        example = Example.pick(self.layout.data, options.format, bundle)
         self.finish_child("dinserve history load", loader)
         base_url = f"http://{client_host(host)}:{port}"
         self.wait_ready(service, base_url)
@@ -338,25 +343,19 @@ def movie_titles(data: Path, items: set[str]) -> dict[str, str]:
         return {row["movieId"]: row["title"] for row in rows if row["movieId"] in items}
 
 
-def resolve_defaults(args: argparse.Namespace) -> None:
-    """Flags left unset take REDIS_URL, CTR_HOST and CTR_PORT from the environment."""
-    if args.redis_url is None:
-        args.redis_url = os.environ.get("REDIS_URL") or None
-    if args.host is None:
-        args.host = os.environ.get("CTR_HOST") or "127.0.0.1"
-    if args.port is None:
-        text = os.environ.get("CTR_PORT") or "8000"
-        if not text.isdigit() or int(text) > 65535:
-            raise DemoError(f"CTR_PORT must be a port number 0-65535, got {text!r}")
-        args.port = int(text)
+def port_from_environment() -> int:
+    """CTR_PORT, as the service will read it, else 8000."""
+    text = os.environ.get("CTR_PORT") or "8000"
+    if not text.isdigit() or int(text) > 65535:
+        raise DemoError(f"CTR_PORT must be a port number 0-65535, got {text!r}")
+    return int(text)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(options: DemoOptions) -> int:
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     stack = ExitStack()
     try:
-        resolve_defaults(args)
-        return Demo(args, stack).run()
+        return Demo(options, stack).run()
     except Stopped as stop:
         say(f"{stop}: stopping")
         return 0

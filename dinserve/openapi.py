@@ -9,11 +9,12 @@ changes when the code does.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from dinserve.commands import OpenapiOptions
 
 
 def build_schema() -> dict[str, Any]:
@@ -29,15 +30,15 @@ def render(schema: dict[str, Any]) -> str:
     return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
 
 
-def run(args: argparse.Namespace) -> int:
+def run(options: OpenapiOptions) -> int:
     text = render(build_schema())
-    out = Path(args.out) if args.out != "-" else None
-    if args.check:
+    out = Path(options.out) if options.out != "-" else None
+    if options.check:
         if out is None or not out.is_file() or out.read_text(encoding="utf-8") != text:
-            print(f"{args.out} differs from the app's OpenAPI schema: run `make openapi`",
+            print(f"{options.out} differs from the app's OpenAPI schema: run `make openapi`",
                   file=sys.stderr)
             return 1
-        print(f"{args.out} matches the app's OpenAPI schema")
+        print(f"{options.out} matches the app's OpenAPI schema")
         return 0
     if out is None:
         sys.stdout.write(text)

@@ -17,7 +17,6 @@ its deprecation is a known, contained cost.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import os
@@ -37,6 +36,7 @@ import onnxruntime as ort
 import torch
 from numpy.typing import NDArray
 
+from dinserve.commands import ExportOptions
 from model_export.checkpoint import Checkpoint, feature_file, load_checkpoint
 from model_export.chunked import chunk_pair_scores
 from model_export.din import DIN, SparseFeature
@@ -605,20 +605,20 @@ def export_bundle(
 # `dinserve export`
 
 
-def run(args: argparse.Namespace) -> int:
+def run(options: ExportOptions) -> int:
     """`dinserve export`: 0 on success; 1 when parity fails; 2 for unusable arguments."""
     try:
-        ckpt = load_checkpoint(Path(args.checkpoint))
+        ckpt = load_checkpoint(options.checkpoint)
         bundle = export_bundle(
             ckpt,
-            Path(args.out),
-            name=args.name,
-            version=args.version,
-            naive=args.naive,
-            tolerance=args.tolerance,
+            options.out,
+            name=options.name,
+            version=options.version,
+            naive=options.naive,
+            tolerance=options.tolerance,
         )
     except ParityError as exc:
-        print(f"dinserve export: {exc}\nnothing was written to {args.out}", file=sys.stderr)
+        print(f"dinserve export: {exc}\nnothing was written to {options.out}", file=sys.stderr)
         return 1
     except (ExportError, FileNotFoundError, ValueError) as exc:
         print(f"dinserve export: {exc}", file=sys.stderr)
@@ -626,5 +626,5 @@ def run(args: argparse.Namespace) -> int:
     manifest = read_manifest(bundle)
     files = ", ".join(manifest.files)
     print(f"exported {manifest.name} version {manifest.version} to {bundle} ({files})")
-    print(f"parity within {args.tolerance:g} on {len(parity_cases(ckpt))} cases")
+    print(f"parity within {options.tolerance:g} on {len(parity_cases(ckpt))} cases")
     return 0

@@ -18,14 +18,12 @@ unit over the B x L (candidate, behaviour) pairs of each batch.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 # OpenMP threads that spin while waiting are ruinous on a shared 2-core machine: measured here with
@@ -40,6 +38,7 @@ import torch.utils.deterministic  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from dinserve.commands import TrainOptions
 from model_export import metrics
 from model_export.calibration import Calibration, calibrate
 from model_export.checkpoint import Checkpoint, save_checkpoint
@@ -65,7 +64,7 @@ class FitResult:
     calibration: Calibration | None = None
 
 
-def run(args: argparse.Namespace) -> int:
+def run(options: TrainOptions) -> int:
     """`dinserve train`; torch's global settings are restored afterwards (tests share a process)."""
     saved = (
         torch.get_num_threads(),
@@ -78,33 +77,33 @@ def run(args: argparse.Namespace) -> int:
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
     try:
-        return train(args)
+        return train(options)
     finally:
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
         torch.utils.deterministic.fill_uninitialized_memory = saved[2]  # type: ignore[attr-defined]
 
 
-def train(args: argparse.Namespace) -> int:
+def train(options: TrainOptions) -> int:
     started = time.perf_counter()
-    seed_everything(args.seed)
+    seed_everything(options.seed)
 
     # -- data ----------------------------------------------------------------------------------
-    options = SampleOptions(
-        max_history_length=args.max_history_length,
-        label_threshold=args.label_threshold,
-        negatives=args.negatives,
-        min_count=args.min_count,
-        seed=args.seed,
+    sampling = SampleOptions(
+        max_history_length=options.max_history_length,
+        label_threshold=options.label_threshold,
+        negatives=options.negatives,
+        min_count=options.min_count,
+        seed=options.seed,
     )
     try:
         log = read_log(
-            args.data, args.format,
-            user_columns=_names(args.user_columns), context_columns=_names(args.context_columns),
+            options.data, options.format, user_columns=_names(options.user_columns),
+            context_columns=_names(options.context_columns),
         )
-        if args.max_users is not None:
-            log = log.head_users(args.max_users)
-        data = build_dataset(log, options)
+        if options.max_users is not None:
+            log = log.head_users(options.max_users)
+        data = build_dataset(log, sampling)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         # Bad input data is the user's to fix: one line naming the file, row and column.
         raise SystemExit(f"dinserve train: {exc}") from exc
@@ -123,11 +122,11 @@ def train(args: argparse.Namespace) -> int:
             )
 
     config = preset_config(
-        args.preset,
+        options.preset,
         n_items=data.item_table.items.size,
         n_categories=data.categories.size,
-        max_categories=options.max_categories,
-        max_history_length=options.max_history_length,
+        max_categories=sampling.max_categories,
+        max_history_length=sampling.max_history_length,
         user_features=tuple(SparseFeature(k, v.size) for k, v in data.user_features.items()),
         context_features=tuple(
             SparseFeature(k, v.size) for k, v in data.context_features.items()
@@ -136,10 +135,10 @@ def train(args: argparse.Namespace) -> int:
     tensors = {name: to_tensors(split) for name, split in data.splits().items()}
 
     # -- DIN, then the BaseModel: same data, seed and schedule ----------------------------------
-    results: dict[str, FitResult] = {"din": fit("DIN", config, tensors, args)}
-    if not args.no_baseline:
+    results: dict[str, FitResult] = {"din": fit("DIN", config, tensors, options)}
+    if not options.no_baseline:
         base_config = DINConfig.from_dict({**config.to_dict(), "use_attention": False})
-        results["baseline"] = fit("BaseModel", base_config, tensors, args)
+        results["baseline"] = fit("BaseModel", base_config, tensors, options)
 
     report: dict[str, Any] = {"split": "test", "samples": sizes}
     for key, result in results.items():
@@ -172,13 +171,13 @@ def train(args: argparse.Namespace) -> int:
             categories=data.categories,
             features={**data.user_features, **data.context_features},
             metrics=report,
-            training=training_record(args, log.source, log.format, data, data_seconds),
+            training=training_record(options, log.source, log.format, data, data_seconds),
             baseline=baseline.model if baseline is not None else None,
         ),
-        Path(args.out),
+        options.out,
     )
     print_table(report)
-    print(f"wrote {Path(args.out)} in {report['wall_seconds']:.0f}s")
+    print(f"wrote {options.out} in {report['wall_seconds']:.0f}s")
     return 0
 
 
@@ -237,33 +236,34 @@ def predict(model: DIN, data: Batch) -> np.ndarray:
 
 
 def fit(
-    name: str, config: DINConfig, tensors: dict[str, Batch], args: argparse.Namespace
+    name: str, config: DINConfig, tensors: dict[str, Batch], options: TrainOptions
 ) -> FitResult:
     """Train one model; returns it holding its best-validation-AUC weights."""
     started = time.perf_counter()
-    seed_everything(args.seed)  # both models start from the same RNG state
+    seed_everything(options.seed)  # both models start from the same RNG state
     model = DIN(config)
     init_embeddings(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
     loss_fn = nn.BCEWithLogitsLoss()
     train, valid = tensors["train"], tensors["valid"]
     n = len(train["labels"])
-    order_rng = np.random.default_rng(args.seed)
+    order_rng = np.random.default_rng(options.seed)
     best_auc, best_epoch, stale = -1.0, 0, 0
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
     epoch = 0
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(1, options.epochs + 1):
         model.train()
         permutation = torch.from_numpy(order_rng.permutation(n))
         # A final batch of one sample has no batch statistics for Dice; drop it this epoch.
-        starts = [s for s in range(0, n, args.batch_size) if min(n - s, args.batch_size) > 1]
+        starts = [s for s in range(0, n, options.batch_size)
+                  if min(n - s, options.batch_size) > 1]
         bar = tqdm(
             starts, desc=f"{name} epoch {epoch}", unit="batch", leave=False, file=sys.stderr,
             disable=not sys.stderr.isatty(),
         )
         total = 0.0
         for step, start in enumerate(bar, 1):
-            batch = take(train, permutation[start:start + args.batch_size])
+            batch = take(train, permutation[start:start + options.batch_size])
             loss = loss_fn(forward(model, batch), batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -283,12 +283,12 @@ def fit(
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
         else:
             stale += 1
-            if stale >= args.patience:
+            if stale >= options.patience:
                 break
     model.load_state_dict(best_state)
     model.eval()
     calibration = None
-    if not args.no_calibration:
+    if not options.no_calibration:
         assert model.mlp.head is not None, "DIN's MLP always ends in a head"
         calibration = calibrate(model.mlp.head, logits(model, valid), valid["labels"])
         outcome = "folded into the head" if calibration.applied else "not applied"
@@ -321,7 +321,7 @@ def init_embeddings(model: DIN, std: float = EMBEDDING_INIT_STD) -> None:
 
 
 def training_record(
-    args: argparse.Namespace, source: str, fmt: str, data: Dataset, data_seconds: float
+    options: TrainOptions, source: str, fmt: str, data: Dataset, data_seconds: float
 ) -> dict[str, Any]:
     """training.json: where the data came from and how the samples were made."""
     splits = {
@@ -329,7 +329,7 @@ def training_record(
                "users": int(len(np.unique(s.users)))}
         for name, s in data.splits().items()
     }
-    arguments = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
+    arguments = asdict(options)
     return {
         "data": source,
         "format": fmt,

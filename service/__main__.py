@@ -14,6 +14,7 @@ directory is created here and removed at exit. SIGTERM drains every worker.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -31,6 +32,8 @@ from pydantic import SecretStr, ValidationError
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
+from dinserve.commands import ServeOptions
+from dinserve.options import OptionError, add_options, description, read_options, usage_error
 from service.app import StartupError, create_app, load_initial_model
 from service.config import Settings
 from service.metrics import MULTIPROCESS_DIR_ENV
@@ -42,27 +45,21 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m service",
-        description="Serve POST /score over HTTP. Every setting is documented in docs/settings.md.",
-    )
-    parser.add_argument("--model-dir", default=None, help="bundle directory or models root")
-    parser.add_argument("--redis-url", default=None, help="redis:// or rediss:// URL")
-    parser.add_argument("--host", default=None)
-    parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=None, help="service processes (CTR_WORKERS)")
+    """`python -m service` takes the flags of `dinserve serve`, from the same ServeOptions."""
+    parser = argparse.ArgumentParser(prog="python -m service",
+                                     description=description(ServeOptions))
+    add_options(parser, ServeOptions)
     return parser
 
 
-FLAG_SETTINGS = ("model_dir", "redis_url", "host", "port", "workers")
+# Each flag overrides the setting of the same name.
+FLAG_SETTINGS = tuple(field.name for field in dataclasses.fields(ServeOptions))
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def settings_from_options(options: ServeOptions) -> Settings:
     """Settings from the environment, with the flags that were given taking precedence."""
     overrides: dict[str, Any] = {
-        name: value
-        for name in FLAG_SETTINGS
-        if (value := getattr(args, name, None)) is not None
+        name: value for name in FLAG_SETTINGS if (value := getattr(options, name)) is not None
     }
     return Settings(**overrides)
 
@@ -71,10 +68,10 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
 
 
-def run_cli(args: argparse.Namespace) -> int:
+def run_cli(options: ServeOptions) -> int:
     """Handler of `dinserve serve`; returns the process exit status."""
     try:
-        settings = settings_from_args(args)
+        settings = settings_from_options(options)
     except ValidationError as exc:
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -159,7 +156,12 @@ def _drained(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(build_parser().parse_args(argv))
+    parser = build_parser()
+    try:
+        options = read_options(ServeOptions, parser.parse_args(argv))
+    except OptionError as exc:
+        return usage_error(parser, exc)
+    return run_cli(options)
 
 
 if __name__ == "__main__":

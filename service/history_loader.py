@@ -9,7 +9,6 @@ same state: idempotent. Users are pipelined in batches, one round trip per batch
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -22,6 +21,7 @@ import redis
 from pydantic import ValidationError
 from redis.typing import EncodableT, FieldT
 
+from dinserve.commands import HistoryLoadOptions
 from service.bundle import BundleError, read_manifest, resolve_bundle
 from service.config import Settings
 from service.history import keys
@@ -100,12 +100,12 @@ def bundle_defaults(model_dir: Path) -> tuple[int, list[str]]:
     return manifest.max_history_length, [f.name for f in manifest.features.user]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(options: HistoryLoadOptions) -> int:
     """Handler of `dinserve history load`; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    overrides = {
+    overrides: dict[str, Any] = {
         name: value
-        for name, value in (("redis_url", args.redis_url), ("redis_prefix", args.prefix))
+        for name, value in (("redis_url", options.redis_url), ("redis_prefix", options.prefix))
         if value is not None
     }
     try:
@@ -113,13 +113,13 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    max_length: int | None = args.max_length
-    user_columns = [c.strip() for c in (args.user_columns or "").split(",") if c.strip()]
-    if args.model_dir is not None:
+    max_length: int | None = options.max_length
+    user_columns = [c.strip() for c in options.user_columns.split(",") if c.strip()]
+    if options.model_dir is not None:
         try:
-            bundle_length, bundle_user = bundle_defaults(Path(args.model_dir))
+            bundle_length, bundle_user = bundle_defaults(options.model_dir)
         except BundleError as exc:
-            print(f"error: cannot read the bundle at {args.model_dir}: {exc}", file=sys.stderr)
+            print(f"error: cannot read the bundle at {options.model_dir}: {exc}", file=sys.stderr)
             return 2
         max_length = max_length or bundle_length
         user_columns = user_columns or bundle_user
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     try:
-        log = read_log(args.data, args.format, user_columns=user_columns)
+        log = read_log(options.data, options.format, user_columns=user_columns)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,18 +1,24 @@
 """The `dinserve` command line as a user meets it: every subcommand's --help renders, says what
 the command does, documents every flag, and mentions the flags a user needs first; --help never
-imports torch; the console script and `python -m dinserve` both work.
+imports torch; the console script and `python -m dinserve` both work. And the options behind it
+(dinserve/options.py): one definition per flag, for `python -m service` too; defaults that are the
+same parsed or constructed; a refused value reported as argparse reports a bad flag.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from dinserve.cli import build_parser
+from dinserve.cli import build_parser, main
+from dinserve.options import flat, read_options
 
 # The flags a user reaches for first; each must appear in the command's --help.
 KEY_FLAGS: dict[str, tuple[str, ...]] = {
@@ -116,3 +122,109 @@ def test_unknown_command_fails_with_usage() -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "usage: dinserve" in result.stderr
+
+
+# What no --help may import: torch (model_export's training and export code) and the load tools'
+# heavy dependencies, 0.1 s or more each; and bench/ and model_export/ themselves, which the
+# service image does not ship (Dockerfile) although it runs `dinserve serve`.
+NOT_FOR_HELP = ("torch", "numpy", "onnxruntime", "matplotlib", "hdrh", "bench", "model_export")
+
+
+@pytest.mark.parametrize("command", ["", *sorted(COMMANDS)])
+def test_every_help_exits_0_without_importing_torch(command: str) -> None:
+    """In a fresh interpreter; the commands come from the parser, so a new one is covered."""
+    argv = [*command.split(), "--help"]
+    code = (
+        "import sys\n"
+        "from dinserve.cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code == 0, f'exit status {exc.code}'\n"
+        "else:\n"
+        "    raise AssertionError('--help returned instead of exiting')\n"
+        f"imported = sorted({{m for m in sys.modules if m.split('.')[0] in {NOT_FOR_HELP!r}}})\n"
+        "assert not imported, f'--help imported {imported}'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: dinserve {command}".rstrip())
+
+
+def _actions(parser: argparse.ArgumentParser) -> list[tuple[Any, ...]]:
+    return [(a.option_strings, a.dest, a.default, a.type, a.choices, a.help)
+            for a in parser._actions if a.dest != "help"]
+
+
+def test_python_m_service_takes_exactly_the_serve_flags() -> None:
+    from service.__main__ import build_parser as service_parser
+
+    assert _actions(service_parser()) == _actions(COMMANDS["serve"])
+    assert service_parser().description == COMMANDS["serve"].description
+
+
+def _required_argv(parser: argparse.ArgumentParser) -> list[str]:
+    """Some value for each required argument, e.g. ceiling's --model-dir, compare's URLs."""
+    argv: list[str] = []
+    for action in parser._actions:
+        if action.required:
+            argv += [*action.option_strings[:1], "x"]
+    return argv
+
+
+def _defaults(cls: type[Any]) -> dict[str, Any]:
+    """Each option's default as the dataclass declares it, the groups' included."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            values.update(_defaults(hints[f.name]))
+        elif f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
+    return values
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_flag_left_out_takes_the_options_class_default(command: str) -> None:
+    """Parsed or constructed in code (LoadSettings() in the tests), the defaults are the same."""
+    parser = COMMANDS[command]
+    namespace = build_parser().parse_args([*command.split(), *_required_argv(parser)])
+    options = read_options(namespace._command.options, namespace)
+    parsed = flat(options)
+    for name, default in _defaults(type(options)).items():
+        assert parsed[name] == default, (command, name)
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["loadtest", "--fractions", "0.5,half"], "--fractions"),
+    (["loadtest", "--track-ratio", "1.5"], "--track-ratio"),
+    (["loadtest", "--duration", "0"], "--duration"),
+    (["compare", "http://127.0.0.1:9/score", "--warmup-rounds", "-1"], "--warmup-rounds"),
+    (["soak", "--model-dir", "m", "--fraction", "0"], "--fraction"),
+    (["soak", "--model-dir", "m", "--window", "700"], "--window"),
+    (["soak", "--model-dir", "m", "--service-env", "CTR_NO_EQUALS_SIGN"], "--service-env"),
+])
+def test_a_refused_value_is_a_usage_error_naming_the_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checks in the options classes surface as argparse's own errors do, not as tracebacks."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: dinserve {argv[0]}")
+    message = err.splitlines()[-1]
+    assert message.startswith(f"dinserve {argv[0]}: error: ") and flag in message, message
+
+
+def test_choices_match_what_the_handlers_accept() -> None:
+    """The option modules cannot import the torch code that defines these lists."""
+    from bench.graph import WORKLOADS
+    from dinserve.bench_commands import BenchOptions
+    from dinserve.commands import Preset
+    from model_export.din import PRESETS
+
+    assert set(typing.get_args(Preset)) == set(PRESETS)
+    workload = typing.get_args(typing.get_type_hints(BenchOptions)["workload"])[0]  # tuple[W, ...]
+    assert set(typing.get_args(workload)) == set(WORKLOADS)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from service.__main__ import settings_from_args
+from dinserve.commands import ServeOptions
+from service.__main__ import settings_from_options
 from service.config import Settings, redact_url
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
@@ -47,8 +47,7 @@ def test_environment_uses_the_ctr_prefix_and_init_values_win(
     monkeypatch.setenv("CTR_PORT", "9000")
     settings = Settings()
     assert settings.max_candidates == 7 and settings.redis_policy == "fail"
-    args = argparse.Namespace(model_dir="elsewhere", redis_url=None, host=None, port=8123)
-    from_flags = settings_from_args(args)
+    from_flags = settings_from_options(ServeOptions(model_dir=Path("elsewhere"), port=8123))
     assert from_flags.port == 8123 and from_flags.model_dir == Path("elsewhere")
     assert from_flags.max_candidates == 7  # untouched by flags: still the environment's
 
