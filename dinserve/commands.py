@@ -21,6 +21,9 @@ DEFAULT_MODELS = Path("models")
 # and model_export/din.py's PRESETS (tests/test_cli.py checks that the presets agree).
 Format = Literal["auto", "movielens", "csv", "parquet"]
 Preset = Literal["paper", "deepctr", "seed"]
+# model_export/data.py's PROTOCOLS and SAMPLERS.
+Protocol = Literal["auto", "explicit", "implicit"]
+Sampler = Literal["uniform", "popularity"]
 
 
 @option_class
@@ -28,7 +31,9 @@ class TrainOptions:
     """Train the reference DIN (and the paper's BaseModel, the same network with sum pooling, for
     comparison) on a MovieLens folder or an interaction-log file. Writes checkpoint.pt (weights +
     config, loadable with weights_only=True), the vocabularies and metrics.json (test AUC, GAUC,
-    logloss of both models) into --out.
+    logloss of both models) into --out. With --seeds K every model is trained K times on the same
+    split (seeds --seed, --seed + 1, ...) and metrics.json adds mean ± std and the paired
+    DIN − BaseModel difference with its 95 % interval; the checkpoint keeps the first seed's model.
     """
 
     data: Path = option(
@@ -48,15 +53,52 @@ class TrainOptions:
         help="epochs without validation-AUC gain before stopping (default: %(default)s)")
     batch_size: int = option(default=256, help="(default: %(default)s)")
     lr: float = option(default=1e-3, help="Adam learning rate (default: %(default)s)")
-    seed: int = option(default=2018, help="(default: %(default)s)")
+    seed: int = option(
+        default=2018,
+        help="seed of the first training run and of the negative sampling (default: %(default)s)")
+    seeds: int = option(
+        default=1,
+        help="train every model this many times, seeds --seed, --seed + 1, ..., on the same split "
+             "and negatives; report mean ± std and the paired difference (default: %(default)s)")
+    protocol: Protocol = option(
+        default="auto",
+        help="explicit: labels from the label column, else rating >= --label-threshold (the DIN "
+             "paper's MovieLens protocol); implicit: every behaviour is a positive against "
+             "--negatives sampled items, ratings and labels ignored (the DIN authors' Amazon "
+             "protocol); auto: explicit when the log has labels or ratings (default: "
+             "%(default)s; docs/model.md)")
     label_threshold: float = option(
         default=4.0,
-        help="rating >= threshold is a positive (DIN paper's MovieLens protocol; "
-             "default: %(default)s)")
+        help="rating >= threshold is a positive (explicit protocol; default: %(default)s)")
     negatives: int = option(
         default=1,
-        help="sampled negatives per positive for implicit logs without labels "
-             "(default: %(default)s)")
+        help="sampled negatives per positive, implicit protocol (default: %(default)s)")
+    negative_sampler: Sampler = option(
+        default="uniform",
+        help="uniform over the items of the positive's split, or popularity-weighted (harder); "
+             "both skip the user's own items (default: %(default)s)")
+    behavior_column: str | None = option(
+        default=None,
+        help="log column holding each event's behaviour type (e.g. pv, cart, fav, buy)")
+    history_behaviors: str = option(
+        default="",
+        help="comma-separated behaviour types that enter histories (default: every type)")
+    positive_behaviors: str = option(
+        default="",
+        help="comma-separated behaviour types that are positives, implicit protocol (default: "
+             "every type)")
+    embedding_l2: float = option(
+        default=0.0,
+        help="the DIN paper's mini-batch aware L2: each item and category embedding row in a "
+             "batch, divided by its training frequency, times this (default: %(default)s)")
+    dropout: float = option(
+        default=0.0,
+        help="dropout after each hidden layer of the head MLP, training only (default: "
+             "%(default)s)")
+    lr_decay: float = option(
+        default=1.0,
+        help="multiply the learning rate by this after every epoch (default: %(default)s, "
+             "constant)")
     min_count: int = option(
         default=1, help="tokens seen fewer times map to out-of-vocabulary (default: %(default)s)")
     user_columns: str = option(
@@ -70,6 +112,18 @@ class TrainOptions:
         default=False,
         help="keep the raw probabilities (default: Platt scaling on the validation split, "
              "folded into the head; AUC unchanged)")
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.negatives < 1:
+            raise ValueError(f"--negatives must be at least 1, got {self.negatives}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.embedding_l2 < 0:
+            raise ValueError(f"--embedding-l2 must be >= 0, got {self.embedding_l2}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
 
 
 @option_class

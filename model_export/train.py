@@ -44,6 +44,7 @@ from model_export.calibration import Calibration, calibrate
 from model_export.checkpoint import Checkpoint, save_checkpoint
 from model_export.data import Dataset, SampleOptions, Split, build_dataset
 from model_export.din import DIN, DINConfig, SparseFeature, parameter_count, preset_config
+from model_export.evaluation import summarise
 from service.interaction_log import read_log
 from service.vocab import PADDING_INDEX
 
@@ -95,11 +96,16 @@ def train(options: TrainOptions) -> int:
         negatives=options.negatives,
         min_count=options.min_count,
         seed=options.seed,
+        protocol=options.protocol,
+        negative_sampler=options.negative_sampler,
+        history_behaviors=tuple(_names(options.history_behaviors)) or None,
+        positive_behaviors=tuple(_names(options.positive_behaviors)) or None,
     )
     try:
         log = read_log(
             options.data, options.format, user_columns=_names(options.user_columns),
             context_columns=_names(options.context_columns),
+            behavior_column=options.behavior_column,
         )
         if options.max_users is not None:
             log = log.head_users(options.max_users)
@@ -114,6 +120,12 @@ def train(options: TrainOptions) -> int:
         f"samples {sizes}, label {data.label_rule}, built in {data_seconds:.1f}s",
         file=sys.stderr,
     )
+    if log.ignored_columns:
+        print(
+            f"ignored columns: {', '.join(log.ignored_columns)} (use them with --user-columns, "
+            "--context-columns or --behavior-column)",
+            file=sys.stderr,
+        )
     for name, split in data.splits().items():
         if len(split) == 0 or len(np.unique(split.labels)) < 2:
             raise SystemExit(
@@ -123,6 +135,7 @@ def train(options: TrainOptions) -> int:
 
     config = preset_config(
         options.preset,
+        dropout=options.dropout,
         n_items=data.item_table.items.size,
         n_categories=data.categories.size,
         max_categories=sampling.max_categories,
@@ -134,33 +147,28 @@ def train(options: TrainOptions) -> int:
     )
     tensors = {name: to_tensors(split) for name, split in data.splits().items()}
 
-    # -- DIN, then the BaseModel: same data, seed and schedule ----------------------------------
-    results: dict[str, FitResult] = {"din": fit("DIN", config, tensors, options)}
+    # -- every model, once per seed: same data, negatives and schedule ----------------------------
+    models = {"din": ("DIN", config)}
     if not options.no_baseline:
         base_config = DINConfig.from_dict({**config.to_dict(), "use_attention": False})
-        results["baseline"] = fit("BaseModel", base_config, tensors, options)
-
-    report: dict[str, Any] = {"split": "test", "samples": sizes}
-    for key, result in results.items():
-        test = tensors["test"]
-        test_logits = logits(result.model, test).double().numpy()
-        probabilities = metrics.sigmoid(test_logits)
-        labels = test["labels"].numpy()
-        report[key] = {
-            "auc": metrics.auc(labels, probabilities),
-            "gauc": metrics.gauc(labels, probabilities, test["users"].numpy()),
-            "logloss": metrics.logloss(labels, probabilities),
-            "valid_auc": result.valid_auc,
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "wall_seconds": round(result.wall_seconds, 2),
-            "parameters": parameter_count(result.model),
+        models["baseline"] = ("BaseModel", base_config)
+    seeds = [options.seed + i for i in range(options.seeds)]
+    counts = embedding_counts(tensors["train"], config)
+    runs: list[dict[str, dict[str, Any]]] = []
+    results: dict[str, FitResult] = {}  # the first seed's: the models the checkpoint keeps
+    for seed in seeds:
+        fitted = {
+            key: fit(label if len(seeds) == 1 else f"{label} seed {seed}", model_config,
+                     tensors, options, seed, counts)
+            for key, (label, model_config) in models.items()
         }
-        if result.calibration is not None:
-            report[key]["logloss_uncalibrated"] = metrics.logloss(
-                labels, result.calibration.uncalibrated(test_logits)
-            )
-            report[key]["calibration"] = result.calibration.to_dict()
+        runs.append({key: test_report(result, tensors["test"]) for key, result in fitted.items()})
+        results = results or fitted
+
+    report: dict[str, Any] = {"split": "test", "samples": sizes, **runs[0], "seeds": seeds}
+    if len(seeds) > 1:
+        report["per_seed"] = runs
+        report["summary"] = summarise(runs)
     report["wall_seconds"] = round(time.perf_counter() - started, 2)
 
     baseline = results.get("baseline")
@@ -177,8 +185,33 @@ def train(options: TrainOptions) -> int:
         options.out,
     )
     print_table(report)
+    if "summary" in report:
+        print_summary(report["summary"], seeds)
     print(f"wrote {options.out} in {report['wall_seconds']:.0f}s")
     return 0
+
+
+def test_report(result: FitResult, test: Batch) -> dict[str, Any]:
+    """One fitted model's test metrics (and how it was fitted), as metrics.json records them."""
+    test_logits = logits(result.model, test).double().numpy()
+    probabilities = metrics.sigmoid(test_logits)
+    labels = test["labels"].numpy()
+    report: dict[str, Any] = {
+        "auc": metrics.auc(labels, probabilities),
+        "gauc": metrics.gauc(labels, probabilities, test["users"].numpy()),
+        "logloss": metrics.logloss(labels, probabilities),
+        "valid_auc": result.valid_auc,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "wall_seconds": round(result.wall_seconds, 2),
+        "parameters": parameter_count(result.model),
+    }
+    if result.calibration is not None:
+        report["logloss_uncalibrated"] = metrics.logloss(
+            labels, result.calibration.uncalibrated(test_logits)
+        )
+        report["calibration"] = result.calibration.to_dict()
+    return report
 
 
 def seed_everything(seed: int) -> None:
@@ -236,18 +269,24 @@ def predict(model: DIN, data: Batch) -> np.ndarray:
 
 
 def fit(
-    name: str, config: DINConfig, tensors: dict[str, Batch], options: TrainOptions
+    name: str,
+    config: DINConfig,
+    tensors: dict[str, Batch],
+    options: TrainOptions,
+    seed: int,
+    counts: EmbeddingCounts,
 ) -> FitResult:
     """Train one model; returns it holding its best-validation-AUC weights."""
     started = time.perf_counter()
-    seed_everything(options.seed)  # both models start from the same RNG state
+    seed_everything(seed)  # every model of a seed starts from the same RNG state
     model = DIN(config)
     init_embeddings(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=options.lr_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     train, valid = tensors["train"], tensors["valid"]
     n = len(train["labels"])
-    order_rng = np.random.default_rng(options.seed)
+    order_rng = np.random.default_rng(seed)
     best_auc, best_epoch, stale = -1.0, 0, 0
     best_state = {k: v.clone() for k, v in model.state_dict().items()}
     epoch = 0
@@ -265,12 +304,15 @@ def fit(
         for step, start in enumerate(bar, 1):
             batch = take(train, permutation[start:start + options.batch_size])
             loss = loss_fn(forward(model, batch), batch["labels"])
+            if options.embedding_l2:
+                loss = loss + options.embedding_l2 * batch_embedding_l2(model, batch, counts)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{total / step:.4f}")
+        schedule.step()
         valid_auc = metrics.auc(valid["labels"].numpy(), predict(model, valid))
         improved = valid_auc > best_auc
         print(
@@ -301,6 +343,47 @@ def fit(
     return FitResult(
         model, best_epoch, epoch, best_auc, time.perf_counter() - started, calibration
     )
+
+
+@dataclass(frozen=True)
+class EmbeddingCounts:
+    """How often each item and category index occurs in the training split (candidates and
+    histories), at least 1: the n_j of the DIN paper's mini-batch aware regularisation."""
+
+    items: torch.Tensor  # (n_items,) float
+    categories: torch.Tensor  # (n_categories,) float
+
+
+def embedding_counts(train: Batch, config: DINConfig) -> EmbeddingCounts:
+    def count(ids: list[torch.Tensor], size: int) -> torch.Tensor:
+        flat = torch.cat([t.reshape(-1) for t in ids])
+        return torch.bincount(flat, minlength=size)[:size].clamp(min=1).float()
+
+    return EmbeddingCounts(
+        items=count([train["candidate_items"], train["history_items"]], config.n_items),
+        categories=count(
+            [train["candidate_categories"], train["history_categories"]], config.n_categories
+        ),
+    )
+
+
+def batch_embedding_l2(model: DIN, batch: Batch, counts: EmbeddingCounts) -> torch.Tensor:
+    """Σ ||w_j||² / n_j over the item and category rows this batch uses (DIN paper §4.1, Eq. 4).
+
+    Only the rows a batch touches are regularised, each in inverse proportion to its frequency,
+    so a rare item is held near zero and a frequent one is not shrunk once per batch it is in:
+    the paper's answer to L2 over millions of rows, most of them absent from any one batch.
+    """
+    penalty = torch.zeros(())
+    for table, ids, n in (
+        (model.embedding.items, (batch["candidate_items"], batch["history_items"]), counts.items),
+        (model.embedding.categories,
+         (batch["candidate_categories"], batch["history_categories"]), counts.categories),
+    ):
+        used = torch.unique(torch.cat([t.reshape(-1) for t in ids]))
+        used = used[used != PADDING_INDEX]
+        penalty = penalty + (table.weight[used].pow(2).sum(dim=1) / n[used]).sum()
+    return penalty
 
 
 def init_embeddings(model: DIN, std: float = EMBEDDING_INIT_STD) -> None:
@@ -365,6 +448,24 @@ def print_table(report: dict[str, Any]) -> None:
                 f"{'' if raw is None else f'{raw:.4f}':>8} "
                 f"{m['best_epoch']:>5}/{m['epochs_run']:<5} {m['wall_seconds']:8.1f}"
             )
+
+
+def print_summary(summary: dict[str, Any], seeds: list[int]) -> None:
+    """The multi-seed table: mean ± std per model, then each model's paired difference."""
+    labels = {"din": "DIN", "baseline": "BaseModel"}
+    print(f"over {len(seeds)} seeds ({seeds[0]}..{seeds[-1]}), mean ± std:")
+    print(f"{'model':<10} {'AUC':>16} {'GAUC':>16} {'logloss':>16}")
+    for key, table in summary["models"].items():
+        cells = " ".join(
+            f"{table[m]['mean']:.4f} ± {table[m]['std']:.4f}" for m in ("auc", "gauc", "logloss")
+        )
+        print(f"{labels.get(key, key):<10} {cells}")
+    for key, paired in summary["paired"].items():
+        for metric in ("gauc", "auc"):
+            d = paired[metric]
+            low, high = d["ci"]
+            print(f"{labels.get(key, key)} − BaseModel {metric.upper()}: {d['mean']:+.4f} "
+                  f"(95% CI {low:+.4f} .. {high:+.4f})")
 
 
 def _names(text: str) -> list[str]:
