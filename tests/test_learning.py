@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
+from synthetic import behavior_log, interest_log, sparse_log
 
 from dinserve.cli import main
-from synthetic import behavior_log, interest_log, sparse_log
 
 FAST = ["--preset", "deepctr", "--batch-size", "256"]
 
