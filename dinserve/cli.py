@@ -42,6 +42,7 @@ class Command:
     options: type[Any]
     handler: str  # "module:function", taking an instance of `options`, returning the exit status
     help: str  # its line in the parent command's --help
+    extra: str | None = None  # the pyproject extra its handler's imports come from, if any
 
     def add_to(self, commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         parser = commands.add_parser(self.name, help=self.help,
@@ -51,8 +52,17 @@ class Command:
 
     def run(self, options: Any) -> int:
         module_name, _, func_name = self.handler.partition(":")
-        handler = getattr(importlib.import_module(module_name), func_name)
-        return int(handler(options) or 0)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            # An install without the command's extra (the service image has none, nor the
+            # offline and load-tool packages): say which.
+            if self.extra is None:
+                raise
+            print(f"dinserve {self.name}: needs the '{self.extra}' extra (no module "
+                  f"{exc.name!r}): pip install 'dinserve[{self.extra}]'", file=sys.stderr)
+            return 1
+        return int(getattr(module, func_name)(options) or 0)
 
 
 @dataclass(frozen=True)
@@ -74,9 +84,11 @@ class CommandGroup:
 
 COMMANDS: tuple[Command | CommandGroup, ...] = (
     Command("train", TrainOptions, "model_export.train:run",
-            "train a DIN and its BaseModel on an interaction log"),
+            "train a DIN and its BaseModel on an interaction log",
+            extra="export"),
     Command("export", ExportOptions, "model_export.export:run",
-            "export a trained checkpoint to a self-checking ONNX bundle"),
+            "export a trained checkpoint to a self-checking ONNX bundle",
+            extra="export"),
     Command("serve", ServeOptions, "service.__main__:run_cli",
             "run the scoring service (flags override CTR_* environment settings)"),
     CommandGroup("history", "manage behaviour histories in Redis", (
@@ -88,15 +100,20 @@ COMMANDS: tuple[Command | CommandGroup, ...] = (
     Command("openapi", OpenapiOptions, "dinserve.openapi:run",
             "write the service's OpenAPI document (docs/openapi.json)"),
     Command("loadtest", LoadtestOptions, "bench.loadtest:run",
-            "open-loop load test of a scoring URL (staging), or find its saturation rate"),
+            "open-loop load test of a scoring URL (staging), or find its saturation rate",
+            extra="load"),
     Command("compare", CompareOptions, "bench.compare:run",
-            "endpoints side by side, one request at a time, the same bodies to each"),
+            "endpoints side by side, one request at a time, the same bodies to each",
+            extra="load"),
     Command("bench", BenchOptions, "bench.graph:run",
-            "time the serving graph against the tiled graph and PyTorch (same weights)"),
+            "time the serving graph against the tiled graph and PyTorch (same weights)",
+            extra="export"),
     Command("ceiling", CeilingOptions, "bench.ceiling:run",
-            "the graph's own ceiling: calls/s of a bundle's serving graph, nothing else running"),
+            "the graph's own ceiling: calls/s of a bundle's serving graph, nothing else running",
+            extra="load"),
     Command("soak", SoakOptions, "bench.soak:run",
-            "run the service under steady load for a long time; report errors, p99 drift, RSS"),
+            "run the service under steady load for a long time; report errors, p99 drift, RSS",
+            extra="load"),
 )
 
 

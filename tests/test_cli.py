@@ -20,6 +20,8 @@ import pytest
 from dinserve.cli import build_parser, main
 from dinserve.options import flat, read_options
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # The flags a user reaches for first; each must appear in the command's --help.
 KEY_FLAGS: dict[str, tuple[str, ...]] = {
     "train": ("--data", "--out", "--format", "--preset", "--epochs", "--max-users",
@@ -228,3 +230,21 @@ def test_choices_match_what_the_handlers_accept() -> None:
     assert set(typing.get_args(Preset)) == set(PRESETS)
     workload = typing.get_args(typing.get_type_hints(BenchOptions)["workload"])[0]  # tuple[W, ...]
     assert set(typing.get_args(workload)) == set(WORKLOADS)
+
+
+@pytest.mark.parametrize(
+    ("argv", "blocked", "extra"),
+    [(["train", "--epochs", "1"], "torch", "export"),
+     (["loadtest", "--duration", "1"], "hdrh", "load")],
+)
+def test_a_command_whose_extra_is_missing_says_which_to_install(
+    argv: list[str], blocked: str, extra: str
+) -> None:
+    code = (f"import sys; sys.modules[{blocked!r}] = None\n"
+            f"from dinserve.cli import main; sys.exit(main({argv!r}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 1, done.stderr
+    assert f"needs the '{extra}' extra" in done.stderr
+    assert f"pip install 'dinserve[{extra}]'" in done.stderr
+    assert "Traceback" not in done.stderr
