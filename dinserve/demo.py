@@ -145,8 +145,9 @@ class Demo:
         else:
             say(f"model: training on {layout.data} into {layout.run}")
             argv = dinserve_argv("train", "--data", layout.data, "--format", options.format,
-                                 "--out", layout.run)
-            for flag, value in (("--preset", options.preset), ("--epochs", options.epochs),
+                                 "--out", layout.run, "--protocol", options.protocol,
+                                 "--epochs", str(options.epochs))
+            for flag, value in (("--preset", options.preset),
                                 ("--max-users", options.max_users)):
                 if value is not None:
                     argv += [flag, str(value)]
