@@ -275,9 +275,9 @@ def _read_csv(path: Path) -> tuple[dict[str, list[str]], int]:
 def _read_parquet(path: Path) -> tuple[dict[str, list[str]], int]:
     try:
         import pyarrow.parquet as pq
-    except ImportError as exc:  # pragma: no cover - pyarrow ships with the export extra
+    except ImportError as exc:  # pyarrow ships with the parquet and export extras
         raise ImportError(
-            "reading Parquet logs needs pyarrow: pip install 'dinserve[export]'"
+            "reading Parquet logs needs pyarrow: pip install 'dinserve[parquet]'"
         ) from exc
     table = pq.read_table(path)
     columns: dict[str, list[str]] = {}
