@@ -87,18 +87,6 @@ class TrainOptions:
         default="",
         help="comma-separated behaviour types that are positives, implicit protocol (default: "
              "every type)")
-    embedding_l2: float = option(
-        default=0.0,
-        help="the DIN paper's mini-batch aware L2: each item and category embedding row in a "
-             "batch, divided by its training frequency, times this (default: %(default)s)")
-    dropout: float = option(
-        default=0.0,
-        help="dropout after each hidden layer of the head MLP, training only (default: "
-             "%(default)s)")
-    lr_decay: float = option(
-        default=1.0,
-        help="multiply the learning rate by this after every epoch (default: %(default)s, "
-             "constant)")
     min_count: int = option(
         default=1, help="tokens seen fewer times map to out-of-vocabulary (default: %(default)s)")
     user_columns: str = option(
@@ -118,12 +106,6 @@ class TrainOptions:
             raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
         if self.negatives < 1:
             raise ValueError(f"--negatives must be at least 1, got {self.negatives}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.embedding_l2 < 0:
-            raise ValueError(f"--embedding-l2 must be >= 0, got {self.embedding_l2}")
-        if not 0 < self.lr_decay <= 1:
-            raise ValueError(f"--lr-decay must be in (0, 1], got {self.lr_decay}")
 
 
 @option_class

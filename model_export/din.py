@@ -55,9 +55,6 @@ class DINConfig:
     user_features: tuple[SparseFeature, ...] = ()
     context_features: tuple[SparseFeature, ...] = ()
     dice_epsilon: float = 1e-8
-    # Dropout after each hidden layer of the head MLP, in training only (the exported graph has
-    # none). A training lever: docs/model.md reports its measured effect over seeds.
-    dropout: float = 0.0
 
     @property
     def embedding_dim(self) -> int:
@@ -152,10 +149,9 @@ class MLP(nn.Module):
 
     def __init__(
         self, in_dim: int, units: tuple[int, ...], activation: Activation, epsilon: float,
-        head: bool, dropout: float = 0.0,
+        head: bool,
     ) -> None:
         super().__init__()
-        self.dropout = dropout
         self.linears = nn.ModuleList()
         self.activations = nn.ModuleList()
         width = in_dim
@@ -170,8 +166,6 @@ class MLP(nn.Module):
         """x: (R, in_dim) -> (R, out_dim)."""
         for linear, activation in zip(self.linears, self.activations, strict=True):
             x = activation(linear(x))
-            if self.dropout:
-                x = nn.functional.dropout(x, self.dropout, self.training)
         return self.head(x) if self.head is not None else x
 
 
@@ -255,8 +249,7 @@ class DIN(nn.Module):
         n_sparse = len(config.user_features) + len(config.context_features)
         in_dim = 2 * config.embedding_dim + n_sparse * config.feature_dim
         self.mlp = MLP(
-            in_dim, config.mlp_units, config.mlp_activation, config.dice_epsilon, head=True,
-            dropout=config.dropout,
+            in_dim, config.mlp_units, config.mlp_activation, config.dice_epsilon, head=True
         )
 
     def forward(

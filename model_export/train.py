@@ -135,7 +135,6 @@ def train(options: TrainOptions) -> int:
 
     config = preset_config(
         options.preset,
-        dropout=options.dropout,
         n_items=data.item_table.items.size,
         n_categories=data.categories.size,
         max_categories=sampling.max_categories,
@@ -153,13 +152,12 @@ def train(options: TrainOptions) -> int:
         base_config = DINConfig.from_dict({**config.to_dict(), "use_attention": False})
         models["baseline"] = ("BaseModel", base_config)
     seeds = [options.seed + i for i in range(options.seeds)]
-    counts = embedding_counts(tensors["train"], config)
     runs: list[dict[str, dict[str, Any]]] = []
     results: dict[str, FitResult] = {}  # the first seed's: the models the checkpoint keeps
     for seed in seeds:
         fitted = {
             key: fit(label if len(seeds) == 1 else f"{label} seed {seed}", model_config,
-                     tensors, options, seed, counts)
+                     tensors, options, seed)
             for key, (label, model_config) in models.items()
         }
         runs.append({key: test_report(result, tensors["test"]) for key, result in fitted.items()})
@@ -274,7 +272,6 @@ def fit(
     tensors: dict[str, Batch],
     options: TrainOptions,
     seed: int,
-    counts: EmbeddingCounts,
 ) -> FitResult:
     """Train one model; returns it holding its best-validation-AUC weights."""
     started = time.perf_counter()
@@ -282,7 +279,6 @@ def fit(
     model = DIN(config)
     init_embeddings(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=options.lr)
-    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=options.lr_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     train, valid = tensors["train"], tensors["valid"]
     n = len(train["labels"])
@@ -304,15 +300,12 @@ def fit(
         for step, start in enumerate(bar, 1):
             batch = take(train, permutation[start:start + options.batch_size])
             loss = loss_fn(forward(model, batch), batch["labels"])
-            if options.embedding_l2:
-                loss = loss + options.embedding_l2 * batch_embedding_l2(model, batch, counts)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item()
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{total / step:.4f}")
-        schedule.step()
         valid_auc = metrics.auc(valid["labels"].numpy(), predict(model, valid))
         improved = valid_auc > best_auc
         print(
@@ -343,47 +336,6 @@ def fit(
     return FitResult(
         model, best_epoch, epoch, best_auc, time.perf_counter() - started, calibration
     )
-
-
-@dataclass(frozen=True)
-class EmbeddingCounts:
-    """How often each item and category index occurs in the training split (candidates and
-    histories), at least 1: the n_j of the DIN paper's mini-batch aware regularisation."""
-
-    items: torch.Tensor  # (n_items,) float
-    categories: torch.Tensor  # (n_categories,) float
-
-
-def embedding_counts(train: Batch, config: DINConfig) -> EmbeddingCounts:
-    def count(ids: list[torch.Tensor], size: int) -> torch.Tensor:
-        flat = torch.cat([t.reshape(-1) for t in ids])
-        return torch.bincount(flat, minlength=size)[:size].clamp(min=1).float()
-
-    return EmbeddingCounts(
-        items=count([train["candidate_items"], train["history_items"]], config.n_items),
-        categories=count(
-            [train["candidate_categories"], train["history_categories"]], config.n_categories
-        ),
-    )
-
-
-def batch_embedding_l2(model: DIN, batch: Batch, counts: EmbeddingCounts) -> torch.Tensor:
-    """Σ ||w_j||² / n_j over the item and category rows this batch uses (DIN paper §4.1, Eq. 4).
-
-    Only the rows a batch touches are regularised, each in inverse proportion to its frequency,
-    so a rare item is held near zero and a frequent one is not shrunk once per batch it is in:
-    the paper's answer to L2 over millions of rows, most of them absent from any one batch.
-    """
-    penalty = torch.zeros(())
-    for table, ids, n in (
-        (model.embedding.items, (batch["candidate_items"], batch["history_items"]), counts.items),
-        (model.embedding.categories,
-         (batch["candidate_categories"], batch["history_categories"]), counts.categories),
-    ):
-        used = torch.unique(torch.cat([t.reshape(-1) for t in ids]))
-        used = used[used != PADDING_INDEX]
-        penalty = penalty + (table.weight[used].pow(2).sum(dim=1) / n[used]).sum()
-    return penalty
 
 
 def init_embeddings(model: DIN, std: float = EMBEDDING_INIT_STD) -> None:
