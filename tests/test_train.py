@@ -153,3 +153,22 @@ def test_missing_column_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"log\.csv: missing column 'timestamp'"):
         main(["train", "--data", str(bad), "--out", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+def test_seeds_train_every_model_once_per_seed_and_summarise_the_pairs(tmp_path: Path) -> None:
+    train(tmp_path / "two", "--seeds", "2", "--seed", "5")
+    report = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert report["seeds"] == [5, 6]
+    assert len(report["per_seed"]) == 2
+    assert report["din"] == report["per_seed"][0]["din"]  # the checkpoint's model: the first seed
+    assert report["per_seed"][0]["din"]["auc"] != report["per_seed"][1]["din"]["auc"]
+    paired = report["summary"]["paired"]["din"]["gauc"]
+    per_seed = [run["din"]["gauc"] - run["baseline"]["gauc"] for run in report["per_seed"]]
+    assert paired["per_seed"] == pytest.approx(per_seed)
+    low, high = paired["ci"]
+    assert low <= paired["mean"] <= high
+    # The first seed's run is the run a single-seed command gives.
+    train(tmp_path / "one", "--seed", "5")
+    single = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    assert single["din"]["auc"] == report["din"]["auc"]
+    assert "summary" not in single
