@@ -56,6 +56,7 @@ from dinserve.bench_commands import (
     redis_url_or_default,
 )
 from dinserve.options import flat
+from service.config import redact_url
 from service.heap import frozen_heap
 
 if TYPE_CHECKING:  # imported when --graph-ceiling is given: it loads onnxruntime
@@ -335,6 +336,8 @@ def report_config(options: LoadtestOptions, settings: LoadSettings) -> dict[str,
     config = _jsonable(flat(options))
     config["url"] = settings.url
     del config["headers"]  # as given, values and all: credentials stay out of the report
+    if config.get("redis_url"):
+        config["redis_url"] = redact_url(config["redis_url"])
     config["header"] = [f"{name}: {_shown(name, value)}" for name, value in settings.headers]
     return config
 

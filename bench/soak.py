@@ -36,6 +36,7 @@ from bench.loadtest import measure
 from bench.machinecpu import describe, steal_of
 from dinserve import processes
 from dinserve.bench_commands import LoadSettings, SoakOptions, SoakSettings
+from service.config import redact_url
 
 ROOT = Path(__file__).resolve().parent.parent
 EXIT_PASS, EXIT_FAIL, EXIT_NO_SERVICE = 0, 1, 2
@@ -283,9 +284,10 @@ def soak(settings: SoakSettings, out_dir: Path) -> tuple[int, dict[str, Any]]:
                        settings.history_length)
     bodies = build_bodies(users, items, settings.candidates, 256)
     service = ServiceUnderTest(settings, out_dir / "service.log")
+    shown = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
+    shown["redis_url"] = redact_url(settings.redis_url)  # a password stays out of the report
     report: dict[str, Any] = {"tool": "dinserve soak", "started_at": started_at,
-                              "settings": {k: str(v) if isinstance(v, Path) else v
-                                           for k, v in asdict(settings).items()}}
+                              "settings": shown}
     if not service.start():
         service.stop()
         report["error"] = f"the service did not start; see {service.log_path}"

@@ -167,6 +167,10 @@ class HistoryLoadOptions:
     user_columns: str = option(
         default="", help="comma-separated log columns written to the <prefix>:user:<id> hash")
 
+    def __post_init__(self) -> None:
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"--max-length must be at least 1, got {self.max_length}")
+
 
 @option_class
 class DemoOptions:

@@ -124,9 +124,6 @@ def run(options: HistoryLoadOptions) -> int:
         max_length = max_length or bundle_length
         user_columns = user_columns or bundle_user
     max_length = max_length or DEFAULT_MAX_LENGTH
-    if max_length < 1:
-        print("error: --max-length must be at least 1", file=sys.stderr)
-        return 2
 
     try:
         log = read_log(options.data, options.format, user_columns=user_columns)

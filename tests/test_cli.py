@@ -208,6 +208,8 @@ def test_a_flag_left_out_takes_the_options_class_default(command: str) -> None:
     (["soak", "--model-dir", "m", "--fraction", "0"], "--fraction"),
     (["soak", "--model-dir", "m", "--window", "700"], "--window"),
     (["soak", "--model-dir", "m", "--service-env", "CTR_NO_EQUALS_SIGN"], "--service-env"),
+    (["train", "--seeds", "0"], "--seeds"),
+    (["train", "--negatives", "0"], "--negatives"),
 ])
 def test_a_refused_value_is_a_usage_error_naming_the_flag(
     argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
@@ -248,3 +250,20 @@ def test_a_command_whose_extra_is_missing_says_which_to_install(
     assert f"needs the '{extra}' extra" in done.stderr
     assert f"pip install 'dinserve[{extra}]'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_history_load_refuses_a_zero_cap(capsys: pytest.CaptureFixture[str]) -> None:
+    # 0 used to fall back silently to the bundle's length; a cap of nothing is a mistake.
+    assert main(["history", "load", "--max-length", "0"]) == 2
+    assert "--max-length must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_load_reports_hide_the_redis_password() -> None:
+    from bench.loadtest import report_config
+
+    namespace = build_parser().parse_args(
+        ["loadtest", "--redis-url", "redis://user:s3cret@127.0.0.1:6399/2"])
+    options = read_options(namespace._command.options, namespace)
+    config = report_config(options, options.load)
+    assert config["redis_url"] == "redis://127.0.0.1:6399/2"
+    assert "s3cret" not in str(config)
